@@ -1,0 +1,1317 @@
+/* client.c - the client session state machine. */
+#include "client.h"
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <unistd.h>
+
+#include "addr.h"
+#include "auth.h"
+#include "config.h"
+#include "imap_parse.h"
+#include "imapshim.h"
+#include "log.h"
+#include "reap.h"
+#include "relay.h"
+#include "tls.h"
+#include "upstream.h"
+#include "util.h"
+
+/* Failed authentications on one connection before it is closed. */
+#define CL_MAX_AUTH_FAILURES 5
+/* First failure delay; it doubles with each failure. */
+#define CL_AUTH_DELAY_MS 500
+/* BAD answers in a row before a client is called hostile and closed. */
+#define CL_MAX_BAD_IN_ROW 10
+/* Largest literal accepted before login (LOGIN arguments). */
+#define CL_PREAUTH_LITERAL_MAX 4096
+/* How long a closing session may take to flush its last bytes. */
+#define CL_CLOSE_FLUSH_MS 5000
+/* Commands in flight per session; beyond it we stop reading (backpressure). */
+#define CL_MAX_PENDING 256
+
+enum cl_state {
+	CL_S_HANDSHAKE,		/* implicit TLS handshake */
+	CL_S_NOTAUTH,		/* reading commands before login */
+	CL_S_STARTTLS,		/* STARTTLS handshake */
+	CL_S_SASL,		/* waiting for the AUTHENTICATE PLAIN response */
+	CL_S_AUTHDELAY,		/* failed login: waiting before the NO */
+	CL_S_LOGGING_IN,	/* credentials good: upstream login running */
+	CL_S_AUTH,		/* logged in: relaying */
+	CL_S_CLOSING,		/* flushing, then reaped */
+	CL_S_COUNT
+};
+
+static const char *const cl_state_names[] = {
+	"handshake", "notauth", "starttls", "sasl", "authdelay", "logging-in",
+	"auth", "closing",
+};
+_Static_assert(nitems(cl_state_names) == CL_S_COUNT, "state names");
+
+/* What happens to the rest of the command being read (after login). */
+enum cl_cur {
+	CL_CUR_NONE,		/* between commands */
+	CL_CUR_RELAY,		/* lines and literals go upstream */
+	CL_CUR_SWALLOW,		/* answered locally: drop the rest */
+};
+
+/* One command whose reply has not been sent yet, in client order. */
+struct cl_pend {
+	char tag[IMAPSHIM_TAG_MAX + 1];
+	bool relayed;		/* sent upstream; done when its tagged reply is */
+	bool done;
+	bool logout;		/* close the session once this reply is out */
+	char *reply;		/* local reply, or a replacement for the upstream's */
+};
+
+struct client {
+	uint64_t cl_id;
+	enum cl_state cl_state;
+	enum client_listener cl_kind;
+	struct bufferevent *cl_bev;
+	SSL *cl_ssl;
+	bool cl_tls;
+	struct event *cl_timer;
+	char cl_peer[64];
+	struct imap_framer cl_framer;
+
+	/* before login */
+	struct evbuffer *cl_cmd;	/* the command being assembled */
+	char cl_tag[IMAPSHIM_TAG_MAX + 1];	/* of LOGIN/AUTHENTICATE in progress */
+	unsigned cl_auth_failures;
+	unsigned cl_bad_in_row;
+	bool cl_auth_ok;		/* the delayed answer is a success */
+	struct auth_name cl_name;
+	char cl_admin[IMAPSHIM_NAME_MAX + 1];	/* configured spelling */
+	size_t cl_server;		/* index of the server being tried */
+	char cl_last_failure[512];
+
+	/* after login */
+	struct upstream *cl_up;
+	enum cl_cur cl_cur;
+	bool cl_in_idle;		/* IDLE relayed: the next line is DONE */
+	bool cl_relay_sync_lit;		/* upstream lacks LITERAL+: pass its "+" */
+	struct cl_pend *cl_pend;	/* ring of pending commands */
+	size_t cl_pend_cap, cl_pend_head, cl_pend_len;
+	struct cl_pend *cl_cur_pend;	/* the relayed command being read */
+	bool cl_read_blocked;		/* upstream output full or too many pending */
+
+	uint64_t cl_started_ms;
+	uint64_t cl_bytes_in, cl_bytes_out;
+	const char *cl_close_reason;
+	struct reap_entry cl_reap;
+	TAILQ_ENTRY(client) cl_link;
+};
+
+static const struct client_env *cl_env;
+static TAILQ_HEAD(, client) cl_all = TAILQ_HEAD_INITIALIZER(cl_all);
+static unsigned cl_count;
+static uint64_t cl_next_id = 1;
+
+static void cl_read_cb(struct bufferevent *bev, void *arg);
+static void cl_write_cb(struct bufferevent *bev, void *arg);
+static void cl_event_cb(struct bufferevent *bev, short what, void *arg);
+static void cl_close(struct client *c, const char *reason, const char *bye);
+static void cl_try_upstream(struct client *c);
+
+/* Extensions of the upstream that imapshim relays faithfully: they change
+ * neither framing nor session state that imapshim must track. */
+static const char *const cl_relayed_caps[] = {
+	"NAMESPACE", "CHILDREN", "UIDPLUS", "MOVE", "UNSELECT", "SPECIAL-USE",
+	"LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SORT", "SORT=DISPLAY",
+	"THREAD=REFERENCES", "THREAD=REFS", "THREAD=ORDEREDSUBJECT",
+	"MULTIAPPEND", "QUOTA", "WITHIN", "ACL", "I18NLEVEL=1",
+};
+
+static const struct config *
+cl_cfg(void)
+{
+	return cl_env->cfg;
+}
+
+static void
+cl_set_state(struct client *c, enum cl_state to)
+{
+	log_debug("client_state", "id=%llu from=%s to=%s",
+	    (unsigned long long)c->cl_id, cl_state_names[c->cl_state],
+	    cl_state_names[to]);
+	c->cl_state = to;
+}
+
+static void
+cl_arm_timer(struct client *c, uint64_t ms)
+{
+	struct timeval tv = { (time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000 };
+
+	evtimer_add(c->cl_timer, &tv);
+}
+
+static void
+cl_write(struct client *c, const char *s, size_t len)
+{
+	c->cl_bytes_out += len;
+	bufferevent_write(c->cl_bev, s, len);
+}
+
+static void
+cl_printf(struct client *c, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void
+cl_printf(struct client *c, const char *fmt, ...)
+{
+	char buf[2048];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if ((size_t)n >= sizeof(buf))
+		n = sizeof(buf) - 1;
+	cl_write(c, buf, (size_t)n);
+}
+
+/* ------------------------------------------------------------ capability */
+
+static bool
+cl_login_allowed(const struct client *c)
+{
+	return c->cl_tls || cl_cfg()->allow_plaintext_login;
+}
+
+static void
+cl_caps(const struct client *c, char *buf, size_t len)
+{
+	size_t i, j, n;
+	const char *cap;
+
+	n = (size_t)snprintf(buf, len, "IMAP4rev1 LITERAL+ ID IDLE");
+	if (c->cl_state == CL_S_AUTH && c->cl_up != NULL) {
+		for (i = 0; (cap = upstream_cap(c->cl_up, i)) != NULL; i++)
+			for (j = 0; j < nitems(cl_relayed_caps); j++)
+				if (util_ieq(cap, cl_relayed_caps[j]) && n < len)
+					n += (size_t)snprintf(buf + n, len - n,
+					    " %s", cl_relayed_caps[j]);
+		return;
+	}
+	if (cl_login_allowed(c) && n < len)
+		n += (size_t)snprintf(buf + n, len - n, " AUTH=PLAIN SASL-IR");
+	if (c->cl_kind == CLIENT_LISTEN_STARTTLS && !c->cl_tls && n < len)
+		n += (size_t)snprintf(buf + n, len - n, " STARTTLS");
+	if (!cl_login_allowed(c) && n < len)
+		snprintf(buf + n, len - n, " LOGINDISABLED");
+}
+
+/* --------------------------------------------------------- reply ordering */
+
+static struct cl_pend *
+cl_pend_at(struct client *c, size_t i)
+{
+	return &c->cl_pend[(c->cl_pend_head + i) % c->cl_pend_cap];
+}
+
+static struct cl_pend *
+cl_pend_push(struct client *c, const char *tag, size_t taglen)
+{
+	struct cl_pend *p, *n;
+	size_t i;
+
+	if (c->cl_pend_len == c->cl_pend_cap) {
+		size_t cap = c->cl_pend_cap ? c->cl_pend_cap * 2 : 4;
+
+		n = xcalloc(cap, sizeof(*n));
+		for (i = 0; i < c->cl_pend_len; i++)
+			n[i] = *cl_pend_at(c, i);
+		free(c->cl_pend);
+		c->cl_pend = n;
+		c->cl_pend_cap = cap;
+		c->cl_pend_head = 0;
+	}
+	p = cl_pend_at(c, c->cl_pend_len++);
+	memset(p, 0, sizeof(*p));
+	if (taglen > IMAPSHIM_TAG_MAX)
+		taglen = IMAPSHIM_TAG_MAX;
+	memcpy(p->tag, tag, taglen);
+	p->tag[taglen] = '\0';
+	return p;
+}
+
+/* Send the replies whose turn has come; close after a LOGOUT reply. */
+static void
+cl_pend_flush(struct client *c)
+{
+	struct cl_pend *p;
+	bool logout = false;
+
+	while (c->cl_pend_len > 0 && (p = cl_pend_at(c, 0))->done) {
+		if (p->reply != NULL) {
+			cl_write(c, p->reply, strlen(p->reply));
+			free(p->reply);
+			p->reply = NULL;
+		}
+		logout |= p->logout;
+		c->cl_pend_head = (c->cl_pend_head + 1) % c->cl_pend_cap;
+		c->cl_pend_len--;
+		if (c->cl_cur_pend == p)
+			c->cl_cur_pend = NULL;
+	}
+	if (logout)
+		cl_close(c, "logout", NULL);
+}
+
+static void
+cl_pend_clear(struct client *c)
+{
+	size_t i;
+
+	for (i = 0; i < c->cl_pend_len; i++)
+		free(cl_pend_at(c, i)->reply);
+	free(c->cl_pend);
+	c->cl_pend = NULL;
+	c->cl_pend_cap = c->cl_pend_len = c->cl_pend_head = 0;
+	c->cl_cur_pend = NULL;
+}
+
+/* A reply imapshim makes itself: now, or after earlier commands' replies. */
+static void
+cl_reply(struct client *c, const char *tag, size_t taglen, bool logout,
+    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+static void
+cl_reply(struct client *c, const char *tag, size_t taglen, bool logout,
+    const char *fmt, ...)
+{
+	char buf[4096];
+	va_list ap;
+	struct cl_pend *p;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	if (c->cl_pend_len == 0) {
+		cl_write(c, buf, strlen(buf));
+		if (logout)
+			cl_close(c, "logout", NULL);
+		return;
+	}
+	p = cl_pend_push(c, tag, taglen);
+	p->done = true;
+	p->logout = logout;
+	p->reply = xstrdup(buf);
+}
+
+/* --------------------------------------------------------------- closing */
+
+static void
+cl_free(void *obj)
+{
+	struct client *c = obj;
+
+	TAILQ_REMOVE(&cl_all, c, cl_link);
+	cl_count--;
+	if (c->cl_bev != NULL) {
+		tls_close_notify(c->cl_ssl);
+		bufferevent_free(c->cl_bev);
+	}
+	if (c->cl_timer != NULL)
+		event_free(c->cl_timer);
+	if (c->cl_cmd != NULL)
+		evbuffer_free(c->cl_cmd);
+	cl_pend_clear(c);
+	free(c);
+}
+
+static void
+cl_release_upstream(struct client *c)
+{
+	struct upstream *u = c->cl_up;
+
+	if (u == NULL)
+		return;
+	c->cl_up = NULL;
+	if (c->cl_cur != CL_CUR_NONE || !imap_framer_at_boundary(&c->cl_framer)) {
+		upstream_abort(u, "client-gone-mid-command");
+		return;
+	}
+	if (c->cl_in_idle)
+		evbuffer_add(upstream_output(u), "DONE\r\n", 6);
+	upstream_close(u, "client-closed");
+}
+
+static void
+cl_close(struct client *c, const char *reason, const char *bye)
+{
+	if (c->cl_state == CL_S_CLOSING)
+		return;
+	if (bye != NULL && c->cl_state != CL_S_HANDSHAKE &&
+	    c->cl_state != CL_S_STARTTLS)
+		cl_printf(c, "* BYE %s\r\n", bye);
+	log_info("client_close", "id=%llu peer=%s mailbox=%s admin=%s state=%s "
+	    "reason=%s bytes_in=%llu bytes_out=%llu duration_ms=%llu",
+	    (unsigned long long)c->cl_id, c->cl_peer,
+	    c->cl_name.mailbox[0] ? c->cl_name.mailbox : "-",
+	    c->cl_admin[0] ? c->cl_admin : "-", cl_state_names[c->cl_state],
+	    reason, (unsigned long long)c->cl_bytes_in,
+	    (unsigned long long)c->cl_bytes_out,
+	    (unsigned long long)(util_now_ms() - c->cl_started_ms));
+	c->cl_close_reason = reason;
+	cl_release_upstream(c);
+	cl_set_state(c, CL_S_CLOSING);
+	bufferevent_disable(c->cl_bev, EV_READ);
+	evtimer_del(c->cl_timer);
+	if (evbuffer_get_length(bufferevent_get_output(c->cl_bev)) == 0) {
+		reap_add(&c->cl_reap, cl_free, c);
+		return;
+	}
+	/* Flush first; the write callback reaps once the output is empty. */
+	bufferevent_setwatermark(c->cl_bev, EV_WRITE, 0, 0);
+	cl_arm_timer(c, CL_CLOSE_FLUSH_MS);
+}
+
+void
+client_close_all(const char *bye)
+{
+	struct client *c, *next;
+
+	for (c = TAILQ_FIRST(&cl_all); c != NULL; c = next) {
+		next = TAILQ_NEXT(c, cl_link);
+		cl_close(c, "shutdown", bye);
+	}
+}
+
+unsigned
+client_count(void)
+{
+	return cl_count;
+}
+
+/* A BAD answer; a client that sends nothing but garbage is closed. */
+static void
+cl_bad(struct client *c, const char *tag, size_t taglen, const char *text)
+{
+	if (taglen == 0) {
+		tag = "*";
+		taglen = 1;
+	}
+	cl_reply(c, tag, taglen, false, "%.*s BAD %s\r\n", (int)taglen, tag, text);
+	if (++c->cl_bad_in_row >= CL_MAX_BAD_IN_ROW)
+		cl_close(c, "too-many-bad-commands", "Too many invalid commands.");
+}
+
+/* ------------------------------------------------------------ pre-login */
+
+static void
+cl_send_greeting(struct client *c)
+{
+	char caps[512];
+
+	cl_caps(c, caps, sizeof(caps));
+	cl_printf(c, "* OK [CAPABILITY %s] imapshim ready.\r\n", caps);
+}
+
+static void
+cl_auth_failed(struct client *c)
+{
+	uint64_t delay = (uint64_t)CL_AUTH_DELAY_MS << (c->cl_auth_failures < 8 ?
+	    c->cl_auth_failures : 8);
+
+	c->cl_auth_failures++;
+	c->cl_auth_ok = false;
+	log_info("client_auth_fail", "id=%llu peer=%s failures=%u delay_ms=%llu",
+	    (unsigned long long)c->cl_id, c->cl_peer, c->cl_auth_failures,
+	    (unsigned long long)delay);
+	cl_set_state(c, CL_S_AUTHDELAY);
+	bufferevent_disable(c->cl_bev, EV_READ);
+	cl_arm_timer(c, delay);
+}
+
+/* Answer a finished login attempt, then read on. */
+static void
+cl_auth_answer(struct client *c, const char *text)
+{
+	cl_printf(c, "%s %s\r\n", c->cl_tag, text);
+	if (c->cl_state == CL_S_AUTHDELAY &&
+	    c->cl_auth_failures >= CL_MAX_AUTH_FAILURES) {
+		cl_close(c, "too-many-auth-failures",
+		    "Too many authentication failures.");
+		return;
+	}
+	cl_set_state(c, CL_S_NOTAUTH);
+	cl_arm_timer(c, cl_cfg()->client_login_timeout_ms);
+	bufferevent_enable(c->cl_bev, EV_READ);
+	cl_read_cb(c->cl_bev, c);
+}
+
+/* Check credentials locally; a wrong password never reaches Exchange. */
+static void
+cl_check_credentials(struct client *c, const char *user, size_t userlen,
+    const char *pass, size_t passlen)
+{
+	const struct config *cfg = cl_cfg();
+	const struct config_admin *admin;
+
+	memset(&c->cl_name, 0, sizeof(c->cl_name));
+	if (auth_parse_login(cfg->client_login_format, user, userlen,
+	    &c->cl_name) != 0 ||
+	    (admin = config_find_admin(cfg, c->cl_name.admin,
+	    strlen(c->cl_name.admin))) == NULL ||
+	    !util_secret_equal(pass, passlen, admin->password,
+	    strlen(admin->password))) {
+		memset(&c->cl_name, 0, sizeof(c->cl_name));
+		cl_auth_failed(c);
+		return;
+	}
+	snprintf(c->cl_admin, sizeof(c->cl_admin), "%s", admin->name);
+	log_info("client_auth", "id=%llu peer=%s mailbox=%s admin=%s password=%s",
+	    (unsigned long long)c->cl_id, c->cl_peer, c->cl_name.mailbox,
+	    c->cl_admin, LOG_MASKED);
+	cl_set_state(c, CL_S_LOGGING_IN);
+	bufferevent_disable(c->cl_bev, EV_READ);
+	evtimer_del(c->cl_timer);
+	c->cl_server = 0;
+	c->cl_last_failure[0] = '\0';
+	cl_try_upstream(c);
+}
+
+static bool
+cl_save_tag(struct client *c, const struct imap_tok *tag)
+{
+	if (tag->len > IMAPSHIM_TAG_MAX)
+		return false;
+	memcpy(c->cl_tag, tag->p, tag->len);
+	c->cl_tag[tag->len] = '\0';
+	return true;
+}
+
+static void
+cl_cmd_login(struct client *c, const struct imap_tok *tag, struct imap_lexer *lx)
+{
+	struct imap_tok a, b, eol;
+	char user[IMAPSHIM_NAME_MAX * 3 + 8];
+	char pass[IMAPSHIM_PASSWORD_MAX + 1];
+	ssize_t ul, pl;
+
+	if (imap_lex_next(lx, &a) != 1 || imap_lex_next(lx, &b) != 1 ||
+	    imap_lex_next(lx, &eol) != 1 || eol.type != IMAP_TOK_EOL ||
+	    (a.type != IMAP_TOK_ATOM && a.type != IMAP_TOK_QUOTED &&
+	    a.type != IMAP_TOK_LITERAL) ||
+	    (b.type != IMAP_TOK_ATOM && b.type != IMAP_TOK_QUOTED &&
+	    b.type != IMAP_TOK_LITERAL)) {
+		cl_bad(c, tag->p, tag->len, "LOGIN expects a user name and a password.");
+		return;
+	}
+	ul = imap_tok_string(&a, user, sizeof(user));
+	pl = imap_tok_string(&b, pass, sizeof(pass));
+	if (ul < 0 || pl < 0) {
+		OPENSSL_cleanse(pass, sizeof(pass));
+		cl_auth_failed(c);
+		return;
+	}
+	cl_check_credentials(c, user, (size_t)ul, pass, (size_t)pl);
+	OPENSSL_cleanse(pass, sizeof(pass));
+}
+
+static void
+cl_sasl_response(struct client *c, const char *b64, size_t len)
+{
+	char authzid[IMAPSHIM_NAME_MAX * 3 + 8], authcid[IMAPSHIM_NAME_MAX * 3 + 8];
+	char pass[IMAPSHIM_PASSWORD_MAX + 1];
+
+	if (len == 1 && b64[0] == '=')
+		len = 0;
+	if (auth_plain_decode(b64, len, authzid, sizeof(authzid), authcid,
+	    sizeof(authcid), pass, sizeof(pass)) != 0 ||
+	    (authzid[0] != '\0' && strcmp(authzid, authcid) != 0)) {
+		/* A different authzid would be a second way to name the
+		 * mailbox; the login name already carries it. */
+		OPENSSL_cleanse(pass, sizeof(pass));
+		cl_auth_failed(c);
+		return;
+	}
+	cl_check_credentials(c, authcid, strlen(authcid), pass, strlen(pass));
+	OPENSSL_cleanse(pass, sizeof(pass));
+}
+
+static void
+cl_cmd_authenticate(struct client *c, const struct imap_tok *tag,
+    struct imap_lexer *lx)
+{
+	struct imap_tok mech, ir, eol;
+
+	if (imap_lex_next(lx, &mech) != 1 || mech.type != IMAP_TOK_ATOM) {
+		cl_bad(c, tag->p, tag->len, "AUTHENTICATE expects a mechanism.");
+		return;
+	}
+	if (!imap_tok_is(&mech, "PLAIN")) {
+		cl_printf(c, "%s NO Unsupported authentication mechanism.\r\n",
+		    c->cl_tag);
+		return;
+	}
+	if (imap_lex_next(lx, &ir) != 1) {
+		cl_bad(c, tag->p, tag->len, "Invalid AUTHENTICATE arguments.");
+		return;
+	}
+	if (ir.type == IMAP_TOK_EOL) {
+		cl_set_state(c, CL_S_SASL);
+		cl_printf(c, "+ \r\n");
+		return;
+	}
+	if (ir.type != IMAP_TOK_ATOM || imap_lex_next(lx, &eol) != 1 ||
+	    eol.type != IMAP_TOK_EOL) {
+		cl_bad(c, tag->p, tag->len, "Invalid AUTHENTICATE arguments.");
+		return;
+	}
+	cl_sasl_response(c, ir.p, ir.len);
+}
+
+static void
+cl_start_tls(struct client *c)
+{
+	struct bufferevent *tls_bev;
+	struct evbuffer *in = bufferevent_get_input(c->cl_bev);
+
+	/* Bytes pipelined after STARTTLS arrived in cleartext: drop them
+	 * (CVE-2011-0411 style command injection). */
+	evbuffer_drain(in, evbuffer_get_length(in));
+	imap_framer_init(&c->cl_framer, cl_cfg()->max_command_bytes,
+	    CL_PREAUTH_LITERAL_MAX);
+	c->cl_ssl = tls_server_ssl_new(cl_env->server_ctx);
+	tls_bev = c->cl_ssl == NULL ? NULL : bufferevent_openssl_filter_new(
+	    cl_env->base, c->cl_bev, c->cl_ssl, BUFFEREVENT_SSL_ACCEPTING,
+	    BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+	if (tls_bev == NULL) {
+		if (c->cl_ssl != NULL)
+			SSL_free(c->cl_ssl);
+		c->cl_ssl = NULL;
+		cl_close(c, "tls-setup-failed", NULL);
+		return;
+	}
+	bufferevent_openssl_set_allow_dirty_shutdown(tls_bev, 1);
+	c->cl_bev = tls_bev;
+	c->cl_tls = true;
+	bufferevent_setcb(tls_bev, cl_read_cb, cl_write_cb, cl_event_cb, c);
+	bufferevent_setwatermark(tls_bev, EV_WRITE, RELAY_LOWAT, 0);
+	bufferevent_enable(tls_bev, EV_READ | EV_WRITE);
+	cl_set_state(c, CL_S_STARTTLS);
+}
+
+/* One complete command before login, assembled in cl_cmd. */
+static void
+cl_preauth_command(struct client *c)
+{
+	size_t len = evbuffer_get_length(c->cl_cmd);
+	const char *buf = (const char *)evbuffer_pullup(c->cl_cmd, -1);
+	struct imap_lexer lx;
+	struct imap_tok tag, cmd, eol;
+	char caps[512];
+
+	if (c->cl_state == CL_S_SASL) {
+		size_t n = len;
+
+		while (n > 0 && (buf[n - 1] == '\r' || buf[n - 1] == '\n'))
+			n--;
+		cl_set_state(c, CL_S_NOTAUTH);
+		if (n == 1 && buf[0] == '*')
+			cl_printf(c, "%s BAD AUTHENTICATE cancelled.\r\n", c->cl_tag);
+		else
+			cl_sasl_response(c, buf, n);
+		return;
+	}
+	if (imap_parse_command_head(buf, len, &tag, &cmd) != 0 ||
+	    tag.len > IMAPSHIM_TAG_MAX) {
+		cl_bad(c, NULL, 0, "Invalid command: expected a tag and a command.");
+		return;
+	}
+	imap_lexer_init(&lx, buf, len);
+	/* Skip tag and command name; the head parser validated them. */
+	imap_lex_next(&lx, &eol);
+	imap_lex_next(&lx, &eol);
+	if (imap_tok_is(&cmd, "CAPABILITY") || imap_tok_is(&cmd, "NOOP") ||
+	    imap_tok_is(&cmd, "LOGOUT") || imap_tok_is(&cmd, "STARTTLS")) {
+		if (imap_lex_next(&lx, &eol) != 1 || eol.type != IMAP_TOK_EOL) {
+			cl_bad(c, tag.p, tag.len, "This command takes no arguments.");
+			return;
+		}
+	}
+	c->cl_bad_in_row = 0;
+	if (imap_tok_is(&cmd, "CAPABILITY")) {
+		cl_caps(c, caps, sizeof(caps));
+		cl_printf(c, "* CAPABILITY %s\r\n%.*s OK CAPABILITY completed.\r\n",
+		    caps, (int)tag.len, tag.p);
+	} else if (imap_tok_is(&cmd, "NOOP")) {
+		cl_printf(c, "%.*s OK NOOP completed.\r\n", (int)tag.len, tag.p);
+	} else if (imap_tok_is(&cmd, "LOGOUT")) {
+		cl_printf(c, "* BYE imapshim logging out.\r\n"
+		    "%.*s OK LOGOUT completed.\r\n", (int)tag.len, tag.p);
+		cl_close(c, "logout", NULL);
+	} else if (imap_tok_is(&cmd, "ID")) {
+		cl_printf(c, "* ID (\"name\" \"imapshim\" \"version\" \"%s\")\r\n"
+		    "%.*s OK ID completed.\r\n", PACKAGE_VERSION, (int)tag.len,
+		    tag.p);
+	} else if (imap_tok_is(&cmd, "STARTTLS")) {
+		if (c->cl_kind != CLIENT_LISTEN_STARTTLS || c->cl_tls) {
+			cl_bad(c, tag.p, tag.len, "STARTTLS is not available here.");
+			return;
+		}
+		cl_printf(c, "%.*s OK Begin TLS negotiation now.\r\n",
+		    (int)tag.len, tag.p);
+		cl_start_tls(c);
+	} else if (imap_tok_is(&cmd, "LOGIN") ||
+	    imap_tok_is(&cmd, "AUTHENTICATE")) {
+		if (!cl_login_allowed(c)) {
+			cl_printf(c, "%.*s NO [PRIVACYREQUIRED] Log in only after "
+			    "STARTTLS.\r\n", (int)tag.len, tag.p);
+			return;
+		}
+		if (!cl_save_tag(c, &tag))
+			return;
+		if (imap_tok_is(&cmd, "LOGIN"))
+			cl_cmd_login(c, &tag, &lx);
+		else
+			cl_cmd_authenticate(c, &tag, &lx);
+	} else
+		cl_bad(c, tag.p, tag.len, "Command not valid before login.");
+}
+
+/* A tag for an error reply from the start of a command line, if it has one. */
+static size_t
+cl_line_tag(const char *line, size_t len, const char **tag)
+{
+	size_t n = 0;
+
+	while (n < len && n <= IMAPSHIM_TAG_MAX && line[n] != ' ' &&
+	    line[n] > 0x20 && line[n] < 0x7f && line[n] != '+' &&
+	    line[n] != '*' && line[n] != '{' && line[n] != '"')
+		n++;
+	if (n == 0 || n > IMAPSHIM_TAG_MAX || n >= len || line[n] != ' ')
+		return 0;
+	*tag = line;
+	return n;
+}
+
+static void
+cl_preauth_frame(struct client *c, const struct imap_frame *fr,
+    const char *line, struct evbuffer *in)
+{
+	const char *tag = NULL;
+	size_t taglen;
+
+	switch (fr->kind) {
+	case IMAP_FR_OVERFLOW:
+		taglen = fr->overflow_first ? cl_line_tag(line, fr->len, &tag) :
+		    cl_line_tag((const char *)evbuffer_pullup(c->cl_cmd, -1),
+		    evbuffer_get_length(c->cl_cmd), &tag);
+		evbuffer_drain(in, fr->len);
+		evbuffer_drain(c->cl_cmd, evbuffer_get_length(c->cl_cmd));
+		cl_bad(c, tag, taglen, "Command line too long.");
+		return;
+	case IMAP_FR_LITERAL:
+		evbuffer_remove_buffer(in, c->cl_cmd, fr->len);
+		return;
+	case IMAP_FR_LINE:
+		break;
+	default:
+		return;
+	}
+	evbuffer_remove_buffer(in, c->cl_cmd, fr->len);
+	if (fr->lit_toobig) {
+		taglen = cl_line_tag((const char *)evbuffer_pullup(c->cl_cmd, -1),
+		    evbuffer_get_length(c->cl_cmd), &tag);
+		evbuffer_drain(c->cl_cmd, evbuffer_get_length(c->cl_cmd));
+		if (taglen == 0) {
+			tag = "*";
+			taglen = 1;
+		}
+		cl_printf(c, "%.*s NO [TOOBIG] Literal too big before login.\r\n",
+		    (int)taglen, tag);
+		return;
+	}
+	if (fr->has_lit && !fr->lit_nonsync)
+		cl_printf(c, "+ Ready for literal data.\r\n");
+	if (!fr->last)
+		return;
+	cl_preauth_command(c);
+	evbuffer_drain(c->cl_cmd, evbuffer_get_length(c->cl_cmd));
+}
+
+/* ------------------------------------------------------------ upstream */
+
+static void cl_up_ready(void *arg);
+static void cl_up_failed(void *arg, enum up_fail why, const char *reason);
+static void cl_up_frame(void *arg, const struct imap_frame *fr,
+    const struct imap_resp *resp, struct evbuffer *in);
+static void cl_up_lost(void *arg, const char *reason);
+static void cl_up_writable(void *arg);
+
+static const struct upstream_cbs cl_up_cbs = {
+	.ready = cl_up_ready,
+	.failed = cl_up_failed,
+	.frame = cl_up_frame,
+	.lost = cl_up_lost,
+	.writable = cl_up_writable,
+};
+
+/* True when a tagged NO to LOGIN means "try again later" (DESIGN 3.5). */
+static bool
+cl_login_transient(const char *text)
+{
+	const struct config *cfg = cl_cfg();
+	size_t i;
+
+	for (i = 0; i < cfg->n_transient_login_patterns; i++)
+		if (strcasestr(text, cfg->transient_login_patterns[i]) != NULL)
+			return true;
+	return false;
+}
+
+static void
+cl_try_upstream(struct client *c)
+{
+	const struct config *cfg = cl_cfg();
+	const struct config_admin *admin;
+	const struct addr_endpoint *ep;
+	struct upstream_params p;
+	char user[IMAPSHIM_NAME_MAX * 3 + 8];
+
+	admin = config_find_admin(cfg, c->cl_admin, strlen(c->cl_admin));
+	if (admin == NULL || c->cl_server >= cfg->n_servers) {
+		c->cl_auth_ok = false;
+		cl_auth_answer(c, "NO [UNAVAILABLE] No Exchange server is "
+		    "reachable; try again later.");
+		return;
+	}
+	if (auth_format_login(cfg->login_format,
+	    cfg->domain != NULL ? cfg->domain : c->cl_name.domain, admin->name,
+	    c->cl_name.mailbox, user, sizeof(user)) < 0) {
+		cl_auth_answer(c, "NO [AUTHENTICATIONFAILED] Authentication failed.");
+		return;
+	}
+	ep = &cfg->servers[c->cl_server];
+	memset(&p, 0, sizeof(p));
+	p.host = ep->host;
+	p.port = ep->port;
+	p.tls = cfg->up_tls;
+	p.ssl_ctx = cl_env->upstream_ctx;
+	p.tls_name = cfg->tls_server_name != NULL ? cfg->tls_server_name : ep->host;
+	p.tls_verify = cfg->tls_verify;
+	p.login_user = user;
+	p.password = admin->password;
+	p.connect_timeout_ms = cfg->connect_timeout_ms;
+	p.login_timeout_ms = cfg->login_timeout_ms;
+	c->cl_up = upstream_new(cl_env->base, cl_env->dns, &p, &cl_up_cbs, c);
+}
+
+static void
+cl_up_failed(void *arg, enum up_fail why, const char *reason)
+{
+	struct client *c = arg;
+
+	c->cl_up = NULL;
+	snprintf(c->cl_last_failure, sizeof(c->cl_last_failure), "%s", reason);
+	if (why == UP_FAIL_LOGIN) {
+		if (cl_login_transient(reason))
+			cl_auth_answer(c, "NO [UNAVAILABLE] Exchange refused the "
+			    "login for now; try again later.");
+		else
+			cl_auth_answer(c, "NO [AUTHENTICATIONFAILED] Exchange "
+			    "refused the login for this mailbox.");
+		return;
+	}
+	/* Server failures: the next server in the list. */
+	if (++c->cl_server < cl_cfg()->n_servers) {
+		cl_try_upstream(c);
+		return;
+	}
+	{
+		char msg[700];
+
+		snprintf(msg, sizeof(msg), "NO [UNAVAILABLE] Exchange is not "
+		    "reachable (%s: %s); try again later.", upstream_fail_name(why),
+		    c->cl_last_failure);
+		/* The reason is ours or OpenSSL's text: keep it one line. */
+		for (char *q = msg; *q; q++)
+			if (*q == '\r' || *q == '\n')
+				*q = ' ';
+		cl_auth_answer(c, msg);
+	}
+}
+
+static void
+cl_up_ready(void *arg)
+{
+	struct client *c = arg;
+	char caps[1024];
+	const struct config *cfg = cl_cfg();
+
+	cl_set_state(c, CL_S_AUTH);
+	c->cl_bad_in_row = 0;
+	c->cl_relay_sync_lit = !upstream_has_cap(c->cl_up, "LITERAL+");
+	imap_framer_init(&c->cl_framer, cfg->max_command_bytes,
+	    cfg->max_literal_bytes);
+	cl_caps(c, caps, sizeof(caps));
+	cl_printf(c, "%s OK [CAPABILITY %s] Logged in.\r\n", c->cl_tag, caps);
+	cl_arm_timer(c, cfg->client_idle_timeout_ms);
+	bufferevent_enable(c->cl_bev, EV_READ);
+	cl_read_cb(c->cl_bev, c);
+}
+
+static void
+cl_up_lost(void *arg, const char *reason)
+{
+	struct client *c = arg;
+	char bye[300];
+
+	c->cl_up = NULL;
+	snprintf(bye, sizeof(bye), "Connection to Exchange lost: %s.", reason);
+	cl_close(c, "upstream-lost", bye);
+}
+
+static void
+cl_up_writable(void *arg)
+{
+	struct client *c = arg;
+
+	if (c->cl_read_blocked && c->cl_state == CL_S_AUTH) {
+		c->cl_read_blocked = false;
+		bufferevent_enable(c->cl_bev, EV_READ);
+		cl_read_cb(c->cl_bev, c);
+	}
+}
+
+/* Find the relayed command a tagged reply answers. */
+static struct cl_pend *
+cl_pend_find(struct client *c, const struct imap_tok *tag)
+{
+	size_t i;
+	struct cl_pend *p;
+
+	for (i = 0; i < c->cl_pend_len; i++) {
+		p = cl_pend_at(c, i);
+		if (p->relayed && !p->done && strlen(p->tag) == tag->len &&
+		    memcmp(p->tag, tag->p, tag->len) == 0)
+			return p;
+	}
+	return NULL;
+}
+
+static void
+cl_up_frame(void *arg, const struct imap_frame *fr,
+    const struct imap_resp *resp, struct evbuffer *in)
+{
+	struct client *c = arg;
+	struct evbuffer *out = bufferevent_get_output(c->cl_bev);
+	struct cl_pend *p = NULL;
+
+	if (resp != NULL && resp->kind == IMAP_RESP_CONTINUATION &&
+	    !c->cl_in_idle && !c->cl_relay_sync_lit) {
+		/* Nobody asked for it: literals go upstream as LITERAL+. */
+		evbuffer_drain(in, fr->len);
+		return;
+	}
+	if (resp != NULL && resp->kind == IMAP_RESP_TAGGED) {
+		p = cl_pend_find(c, &resp->tag);
+		if (p != NULL && p->reply != NULL) {
+			/* We answered this one ourselves (a command we had to
+			 * cut short upstream); hide the server's answer. */
+			evbuffer_drain(in, fr->len);
+			p->done = true;
+			cl_pend_flush(c);
+			return;
+		}
+	}
+	c->cl_bytes_out += fr->len;
+	evbuffer_remove_buffer(in, out, fr->len);
+	if (p != NULL) {
+		p->done = true;
+		cl_pend_flush(c);
+		if (c->cl_state == CL_S_CLOSING)
+			return;
+		if (c->cl_read_blocked && c->cl_pend_len < CL_MAX_PENDING &&
+		    c->cl_up != NULL && !upstream_output_full(c->cl_up)) {
+			c->cl_read_blocked = false;
+			bufferevent_enable(c->cl_bev, EV_READ);
+		}
+	}
+	if (c->cl_up != NULL && relay_output_full(c->cl_bev))
+		upstream_pause(c->cl_up, true);
+}
+
+/* ------------------------------------------------------------- relaying */
+
+/* Forward one command line, turning a synchronizing literal into LITERAL+
+ * (imapshim sent the client its "+" already). */
+static void
+cl_forward_line(struct client *c, const struct imap_frame *fr,
+    const char *line, struct evbuffer *in)
+{
+	struct evbuffer *up = upstream_output(c->cl_up);
+
+	c->cl_bytes_in += fr->len;
+	if (fr->has_lit && !fr->lit_nonsync && !c->cl_relay_sync_lit &&
+	    line[fr->marker_off] == '{') {
+		evbuffer_add(up, line, fr->marker_off);
+		evbuffer_add_printf(up, "{%llu+}\r\n",
+		    (unsigned long long)fr->lit_size);
+		evbuffer_drain(in, fr->len);
+		cl_printf(c, "+ Ready for literal data.\r\n");
+		return;
+	}
+	evbuffer_remove_buffer(in, up, fr->len);
+}
+
+/*
+ * Part of this command went upstream already and the rest cannot follow:
+ * end it with bytes no IMAP server accepts, so the server answers BAD, and
+ * give the client our own answer in its place.
+ */
+static void
+cl_poison_current(struct client *c, const char *reply)
+{
+	char buf[512];
+
+	evbuffer_add(upstream_output(c->cl_up), " \"\r\n", 4);
+	if (c->cl_cur_pend != NULL) {
+		snprintf(buf, sizeof(buf), "%s %s\r\n", c->cl_cur_pend->tag, reply);
+		free(c->cl_cur_pend->reply);
+		c->cl_cur_pend->reply = xstrdup(buf);
+	}
+	c->cl_cur = CL_CUR_NONE;
+}
+
+/* Commands imapshim answers itself after login. */
+static bool
+cl_auth_local(struct client *c, const struct imap_tok *tag,
+    const struct imap_tok *cmd, bool single_line)
+{
+	char caps[1024];
+
+	if (imap_tok_is(cmd, "CAPABILITY") && single_line) {
+		cl_caps(c, caps, sizeof(caps));
+		cl_reply(c, tag->p, tag->len, false, "* CAPABILITY %s\r\n"
+		    "%.*s OK CAPABILITY completed.\r\n", caps, (int)tag->len,
+		    tag->p);
+	} else if (imap_tok_is(cmd, "ID")) {
+		cl_reply(c, tag->p, tag->len, false, "* ID (\"name\" \"imapshim\" "
+		    "\"version\" \"%s\")\r\n%.*s OK ID completed.\r\n",
+		    PACKAGE_VERSION, (int)tag->len, tag->p);
+	} else if (imap_tok_is(cmd, "LOGOUT") && single_line) {
+		cl_reply(c, tag->p, tag->len, true, "* BYE imapshim logging out."
+		    "\r\n%.*s OK LOGOUT completed.\r\n", (int)tag->len, tag->p);
+	} else if (imap_tok_is(cmd, "LOGIN") || imap_tok_is(cmd, "AUTHENTICATE")) {
+		cl_reply(c, tag->p, tag->len, false, "%.*s BAD Already logged "
+		    "in.\r\n", (int)tag->len, tag->p);
+	} else if (imap_tok_is(cmd, "STARTTLS") || imap_tok_is(cmd, "COMPRESS") ||
+	    imap_tok_is(cmd, "ENABLE")) {
+		cl_reply(c, tag->p, tag->len, false, "%.*s BAD %.*s is not "
+		    "supported by imapshim.\r\n", (int)tag->len, tag->p,
+		    (int)cmd->len, cmd->p);
+	} else
+		return false;
+	return true;
+}
+
+static void
+cl_auth_first_line(struct client *c, const struct imap_frame *fr,
+    const char *line, struct evbuffer *in)
+{
+	struct imap_tok tag, cmd;
+	const char *t = NULL;
+	size_t tl;
+
+	if (c->cl_in_idle) {
+		/* The only thing a client may send while idling is DONE;
+		 * the server judges it. */
+		c->cl_in_idle = false;
+		c->cl_bytes_in += fr->len;
+		evbuffer_remove_buffer(in, upstream_output(c->cl_up), fr->len);
+		return;
+	}
+	if (imap_parse_command_head(line, fr->text_len, &tag, &cmd) != 0 ||
+	    tag.len > IMAPSHIM_TAG_MAX) {
+		tl = cl_line_tag(line, fr->text_len, &t);
+		evbuffer_drain(in, fr->len);
+		c->cl_cur = fr->last ? CL_CUR_NONE : CL_CUR_SWALLOW;
+		cl_bad(c, t, tl, "Invalid command: expected a tag and a command.");
+		return;
+	}
+	if (fr->lit_toobig) {
+		evbuffer_drain(in, fr->len);
+		cl_reply(c, tag.p, tag.len, false, "%.*s NO [TOOBIG] Literal "
+		    "larger than max_literal_bytes.\r\n", (int)tag.len, tag.p);
+		return;
+	}
+	if (cl_auth_local(c, &tag, &cmd, fr->last)) {
+		evbuffer_drain(in, fr->len);
+		c->cl_cur = fr->last ? CL_CUR_NONE : CL_CUR_SWALLOW;
+		c->cl_bad_in_row = 0;
+		return;
+	}
+	c->cl_bad_in_row = 0;
+	c->cl_cur_pend = cl_pend_push(c, tag.p, tag.len);
+	c->cl_cur_pend->relayed = true;
+	log_debug("client_command", "id=%llu tag=%s command=%.*s",
+	    (unsigned long long)c->cl_id, c->cl_cur_pend->tag, (int)cmd.len,
+	    cmd.p);
+	if (imap_tok_is(&cmd, "IDLE") && fr->last)
+		c->cl_in_idle = true;
+	cl_forward_line(c, fr, line, in);
+	c->cl_cur = fr->last ? CL_CUR_NONE : CL_CUR_RELAY;
+}
+
+static void
+cl_auth_frame(struct client *c, const struct imap_frame *fr, const char *line,
+    struct evbuffer *in)
+{
+	const char *t = NULL;
+	size_t tl;
+
+	switch (fr->kind) {
+	case IMAP_FR_OVERFLOW:
+		evbuffer_drain(in, fr->len);
+		if (fr->overflow_first) {
+			tl = cl_line_tag(line, fr->len, &t);
+			c->cl_cur = CL_CUR_NONE;
+			cl_bad(c, t, tl, "Command line too long (max_command_bytes).");
+		} else if (c->cl_cur == CL_CUR_RELAY)
+			cl_poison_current(c, "BAD Command line too long "
+			    "(max_command_bytes).");
+		else
+			c->cl_cur = CL_CUR_NONE;
+		return;
+	case IMAP_FR_LITERAL:
+		if (c->cl_cur == CL_CUR_RELAY) {
+			c->cl_bytes_in += fr->len;
+			evbuffer_remove_buffer(in, upstream_output(c->cl_up), fr->len);
+		} else
+			evbuffer_drain(in, fr->len);
+		return;
+	case IMAP_FR_LINE:
+		break;
+	default:
+		return;
+	}
+	if (fr->first) {
+		cl_auth_first_line(c, fr, line, in);
+		return;
+	}
+	/* A continuation line of a command (after a literal). */
+	if (c->cl_cur == CL_CUR_SWALLOW) {
+		evbuffer_drain(in, fr->len);
+		if (fr->last)
+			c->cl_cur = CL_CUR_NONE;
+		return;
+	}
+	if (fr->lit_toobig) {
+		evbuffer_drain(in, fr->len);
+		cl_poison_current(c, "NO [TOOBIG] Literal larger than "
+		    "max_literal_bytes.");
+		return;
+	}
+	cl_forward_line(c, fr, line, in);
+	if (fr->last)
+		c->cl_cur = CL_CUR_NONE;
+}
+
+/* ------------------------------------------------------------ callbacks */
+
+static void
+cl_read_cb(struct bufferevent *bev, void *arg)
+{
+	struct client *c = arg;
+	struct evbuffer *in = bufferevent_get_input(bev);
+	struct imap_frame fr;
+	const char *line;
+	size_t before;
+
+	if (c->cl_state == CL_S_AUTH)
+		cl_arm_timer(c, cl_cfg()->client_idle_timeout_ms);
+	for (;;) {
+		if (c->cl_state != CL_S_NOTAUTH && c->cl_state != CL_S_SASL &&
+		    c->cl_state != CL_S_AUTH)
+			return;
+		if (c->cl_state == CL_S_AUTH && (c->cl_up == NULL ||
+		    upstream_output_full(c->cl_up) ||
+		    c->cl_pend_len >= CL_MAX_PENDING)) {
+			/* Backpressure: resume from the upstream's writable
+			 * callback or when replies come back. */
+			c->cl_read_blocked = true;
+			bufferevent_disable(bev, EV_READ);
+			return;
+		}
+		before = evbuffer_get_length(in);
+		if (!relay_frame_next(&c->cl_framer, in, &fr, &line)) {
+			/* Bytes the framer discarded count as read too. */
+			c->cl_bytes_in += before - evbuffer_get_length(in);
+			return;
+		}
+		if (c->cl_state == CL_S_AUTH)
+			cl_auth_frame(c, &fr, line, in);
+		else {
+			c->cl_bytes_in += fr.len;
+			cl_preauth_frame(c, &fr, line, in);
+		}
+	}
+}
+
+static void
+cl_write_cb(struct bufferevent *bev, void *arg)
+{
+	struct client *c = arg;
+
+	if (c->cl_state == CL_S_CLOSING) {
+		if (evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+			reap_add(&c->cl_reap, cl_free, c);
+		return;
+	}
+	if (c->cl_up != NULL)
+		upstream_pause(c->cl_up, false);
+}
+
+static void
+cl_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	struct client *c = arg;
+	char reason[300];
+
+	(void)bev;
+	if (c->cl_state == CL_S_CLOSING) {
+		if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))
+			reap_add(&c->cl_reap, cl_free, c);
+		return;
+	}
+	if (what & BEV_EVENT_CONNECTED) {
+		if (c->cl_state == CL_S_HANDSHAKE) {
+			cl_set_state(c, CL_S_NOTAUTH);
+			cl_send_greeting(c);
+		} else if (c->cl_state == CL_S_STARTTLS)
+			cl_set_state(c, CL_S_NOTAUTH);
+		return;
+	}
+	if (what & BEV_EVENT_EOF) {
+		cl_close(c, "client-eof", NULL);
+		return;
+	}
+	if (what & BEV_EVENT_ERROR) {
+		if (c->cl_state == CL_S_HANDSHAKE || c->cl_state == CL_S_STARTTLS) {
+			tls_failure_reason(c->cl_ssl, bufferevent_get_openssl_error(bev),
+			    reason, sizeof(reason));
+			log_info("client_tls_fail", "id=%llu peer=%s reason=%s",
+			    (unsigned long long)c->cl_id, c->cl_peer,
+			    log_value(reason + 0, sizeof(reason), reason,
+			    strlen(reason)));
+			cl_close(c, "tls-handshake-failed", NULL);
+		} else
+			cl_close(c, "client-error", NULL);
+	}
+}
+
+static void
+cl_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct client *c = arg;
+
+	(void)fd;
+	(void)what;
+	switch (c->cl_state) {
+	case CL_S_CLOSING:
+		reap_add(&c->cl_reap, cl_free, c);
+		break;
+	case CL_S_AUTHDELAY:
+		cl_auth_answer(c, "NO [AUTHENTICATIONFAILED] Authentication failed.");
+		break;
+	case CL_S_AUTH:
+		if (c->cl_pend_len > 0) {
+			/* A command is running (IDLE, a long FETCH): that
+			 * is not idleness. */
+			cl_arm_timer(c, cl_cfg()->client_idle_timeout_ms);
+			break;
+		}
+		cl_close(c, "idle-timeout", "Autologout; idle for too long.");
+		break;
+	case CL_S_LOGGING_IN:
+		break;
+	default:
+		cl_close(c, "login-timeout", "Login timeout.");
+		break;
+	}
+}
+
+void
+client_init(const struct client_env *env)
+{
+	cl_env = env;
+}
+
+void
+client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
+    enum client_listener kind)
+{
+	struct client *c;
+	int one = 1;
+
+	(void)salen;
+	c = xcalloc(1, sizeof(*c));
+	c->cl_id = cl_next_id++;
+	c->cl_kind = kind;
+	c->cl_started_ms = util_now_ms();
+	addr_sockaddr_str(sa, c->cl_peer, sizeof(c->cl_peer));
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (kind == CLIENT_LISTEN_IMPLICIT_TLS) {
+		c->cl_ssl = tls_server_ssl_new(cl_env->server_ctx);
+		if (c->cl_ssl != NULL)
+			c->cl_bev = bufferevent_openssl_socket_new(cl_env->base,
+			    fd, c->cl_ssl, BUFFEREVENT_SSL_ACCEPTING,
+			    BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+		c->cl_tls = true;
+		c->cl_state = CL_S_HANDSHAKE;
+	} else {
+		c->cl_bev = bufferevent_socket_new(cl_env->base, fd,
+		    BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+		c->cl_state = CL_S_NOTAUTH;
+	}
+	c->cl_timer = evtimer_new(cl_env->base, cl_timer_cb, c);
+	c->cl_cmd = evbuffer_new();
+	if (c->cl_bev == NULL || c->cl_timer == NULL || c->cl_cmd == NULL) {
+		log_error("client_new", "peer=%s reason=out-of-resources", c->cl_peer);
+		if (c->cl_bev != NULL)
+			bufferevent_free(c->cl_bev);
+		else {
+			if (c->cl_ssl != NULL)
+				SSL_free(c->cl_ssl);
+			close(fd);
+		}
+		if (c->cl_timer != NULL)
+			event_free(c->cl_timer);
+		if (c->cl_cmd != NULL)
+			evbuffer_free(c->cl_cmd);
+		free(c);
+		return;
+	}
+	if (c->cl_tls)
+		bufferevent_openssl_set_allow_dirty_shutdown(c->cl_bev, 1);
+	TAILQ_INSERT_TAIL(&cl_all, c, cl_link);
+	cl_count++;
+	imap_framer_init(&c->cl_framer, cl_cfg()->max_command_bytes,
+	    CL_PREAUTH_LITERAL_MAX);
+	bufferevent_setcb(c->cl_bev, cl_read_cb, cl_write_cb, cl_event_cb, c);
+	bufferevent_setwatermark(c->cl_bev, EV_WRITE, RELAY_LOWAT, 0);
+	bufferevent_enable(c->cl_bev, EV_READ | EV_WRITE);
+	cl_arm_timer(c, cl_cfg()->client_login_timeout_ms);
+	log_info("client_accept", "id=%llu peer=%s listener=%s",
+	    (unsigned long long)c->cl_id, c->cl_peer,
+	    kind == CLIENT_LISTEN_IMPLICIT_TLS ? "tls" : "starttls");
+	if (kind == CLIENT_LISTEN_STARTTLS)
+		cl_send_greeting(c);
+}

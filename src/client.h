@@ -1,0 +1,52 @@
+/*
+ * client.h - one IMAP session from the voice platform to imapshim.
+ *
+ * Owns the client session: its bufferevent (and SSL), its state machine
+ * (TLS handshake, not authenticated, STARTTLS, SASL, failure delay, logging
+ * in, authenticated, closing), the commands it has in flight and the order
+ * their replies must keep, and the upstream session it leases while
+ * authenticated.  imapshim answers greeting, CAPABILITY, ID, NOOP, LOGOUT,
+ * STARTTLS, LOGIN and AUTHENTICATE itself; after login it relays every
+ * other command, parsed, to the upstream.
+ */
+#ifndef CLIENT_H
+#define CLIENT_H
+
+#include <stdbool.h>
+#include <sys/socket.h>
+
+#include <event2/util.h>
+#include <openssl/ssl.h>
+
+struct event_base;
+struct evdns_base;
+struct config;
+struct client;
+
+/* What every client session shares; owned by main.c. */
+struct client_env {
+	struct event_base *base;
+	struct evdns_base *dns;
+	const struct config *cfg;	/* replaced on reload */
+	SSL_CTX *server_ctx;		/* NULL when no listener uses TLS */
+	SSL_CTX *upstream_ctx;		/* NULL with [upstream] tls = none */
+};
+
+enum client_listener {
+	CLIENT_LISTEN_IMPLICIT_TLS,	/* listen: TLS from the first byte */
+	CLIENT_LISTEN_STARTTLS,		/* listen_starttls: cleartext + STARTTLS */
+};
+
+void client_init(const struct client_env *env);
+
+/* Take over an accepted socket.  Never fails: on error the fd is closed. */
+void client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
+    enum client_listener kind);
+
+/* Sessions alive (not yet reaped). */
+unsigned client_count(void);
+
+/* Close every session with "* BYE reason" (shutdown). */
+void client_close_all(const char *bye);
+
+#endif

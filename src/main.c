@@ -1,0 +1,335 @@
+/*
+ * main.c - command line, signals, start-up order, privilege drop.
+ *
+ * Owns the event loop, the process-wide SSL contexts and the current
+ * configuration.  No protocol code lives here.
+ */
+#include "config.h"
+
+#include <event2/dns.h>
+#include <event2/event.h>
+#include <errno.h>
+#include <grp.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "client.h"
+#include "imapshim.h"
+#include "listener.h"
+#include "log.h"
+#include "reap.h"
+#include "tls.h"
+#include "util.h"
+
+/* How often a draining process checks whether its clients are gone. */
+#define MAIN_DRAIN_POLL_MS 100
+
+static struct client_env main_env;
+static struct config *main_cfg;
+static struct event_base *main_base;
+static struct event *main_drain_ev;
+static bool main_draining;
+static uint64_t main_drain_deadline_ms;
+
+static void
+main_usage(FILE *f)
+{
+	fprintf(f,
+	    "usage: imapshim -c FILE [-t]\n"
+	    "       imapshim -V | -h\n"
+	    "\n"
+	    "  -c FILE  run in the foreground with this configuration\n"
+	    "  -t       check the configuration, print what is wrong, exit 0 or 1\n"
+	    "  -V       print the version\n"
+	    "  -h       this help\n");
+}
+
+static void
+main_print_diag(const struct config_diag *d)
+{
+	if (d->n_errors > 0)
+		fputs(d->errors, stderr);
+	if (d->n_warnings > 0)
+		fputs(d->warnings, stderr);
+}
+
+static SSL_CTX *
+main_server_ctx(const struct config *cfg)
+{
+	char err[512];
+	SSL_CTX *ctx;
+
+	if (!cfg->has_listen && !cfg->has_listen_starttls)
+		return NULL;
+	ctx = tls_server_ctx_new(cfg->tls_cert_file, cfg->tls_key_file,
+	    cfg->tls_min_version, err, sizeof(err));
+	if (ctx == NULL)
+		log_error("tls_setup", "side=client reason=%s", err);
+	return ctx;
+}
+
+static SSL_CTX *
+main_upstream_ctx(const struct config *cfg, bool *ok)
+{
+	char err[512];
+	SSL_CTX *ctx;
+
+	*ok = true;
+	if (cfg->up_tls == CFG_TLS_NONE)
+		return NULL;
+	ctx = tls_client_ctx_new(cfg->tls_verify, cfg->tls_ca_file, err,
+	    sizeof(err));
+	if (ctx == NULL) {
+		log_error("tls_setup", "side=upstream reason=%s", err);
+		*ok = false;
+	}
+	return ctx;
+}
+
+static void
+main_warn_config(const struct config *cfg, const struct config_diag *d)
+{
+	char *s, *save, *line;
+
+	if (d->n_warnings == 0)
+		return;
+	s = strdup(d->warnings);
+	for (line = s ? strtok_r(s, "\n", &save) : NULL; line != NULL;
+	    line = strtok_r(NULL, "\n", &save))
+		log_warn("config_warning", "file=%s what=\"%s\"", cfg->path, line);
+	free(s);
+}
+
+static void
+main_reload(void)
+{
+	struct config_diag diag;
+	struct config *cfg;
+	SSL_CTX *sctx, *uctx;
+	bool ok;
+	enum log_level lvl;
+
+	memset(&diag, 0, sizeof(diag));
+	cfg = config_load(main_cfg->path, true, &diag);
+	if (cfg == NULL) {
+		char *s = strdup(diag.errors), *save, *line;
+
+		for (line = s ? strtok_r(s, "\n", &save) : NULL; line != NULL;
+		    line = strtok_r(NULL, "\n", &save))
+			log_error("reload_rejected", "what=\"%s\"", line);
+		free(s);
+		log_warn("reload", "result=rejected reason=\"errors in %s; old "
+		    "settings kept\"", main_cfg->path);
+		return;
+	}
+	sctx = main_server_ctx(cfg);
+	uctx = main_upstream_ctx(cfg, &ok);
+	if ((main_env.server_ctx != NULL && sctx == NULL) || !ok) {
+		tls_ctx_free(sctx);
+		tls_ctx_free(uctx);
+		config_free(cfg);
+		log_warn("reload", "result=rejected reason=\"TLS set-up failed; "
+		    "old settings kept\"");
+		return;
+	}
+	main_warn_config(cfg, &diag);
+	/* Sessions hold their own SSL objects; the contexts are reference
+	 * counted by OpenSSL, so freeing our reference is safe. */
+	tls_ctx_free(main_env.server_ctx);
+	tls_ctx_free(main_env.upstream_ctx);
+	main_env.server_ctx = sctx;
+	main_env.upstream_ctx = uctx;
+	main_env.cfg = cfg;
+	listener_set_config(cfg);
+	config_free(main_cfg);
+	main_cfg = cfg;
+	lvl = cfg->log_level;
+	log_set_level(lvl);
+	log_info("reload", "result=ok file=%s", cfg->path);
+}
+
+static void
+main_drain_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct timeval tv = { 0, MAIN_DRAIN_POLL_MS * 1000 };
+
+	(void)fd;
+	(void)what;
+	(void)arg;
+	if (client_count() == 0 || util_now_ms() >= main_drain_deadline_ms) {
+		client_close_all("imapshim shutting down.");
+		reap_run();
+		event_base_loopexit(main_base, NULL);
+		return;
+	}
+	evtimer_add(main_drain_ev, &tv);
+}
+
+static void
+main_signal_cb(evutil_socket_t sig, short what, void *arg)
+{
+	(void)what;
+	(void)arg;
+	switch (sig) {
+	case SIGHUP:
+		main_reload();
+		break;
+	case SIGUSR1:
+		if (log_reopen() != 0)
+			log_warn("log_reopen", "result=failed");
+		break;
+	case SIGTERM:
+	case SIGINT:
+		if (main_draining) {
+			event_base_loopexit(main_base, NULL);
+			break;
+		}
+		main_draining = true;
+		log_info("shutdown", "signal=%d clients=%u drain_timeout_ms=%llu",
+		    (int)sig, client_count(),
+		    (unsigned long long)main_cfg->drain_timeout_ms);
+		listener_stop();
+		main_drain_deadline_ms = util_now_ms() + main_cfg->drain_timeout_ms;
+		main_drain_cb(-1, 0, NULL);
+		break;
+	default:
+		break;
+	}
+}
+
+static int
+main_drop_privileges(const char *user)
+{
+	struct passwd *pw;
+
+	errno = 0;
+	if ((pw = getpwnam(user)) == NULL) {
+		log_error("privileges", "user=%s reason=\"no such user\"", user);
+		return -1;
+	}
+	if (setgroups(1, &pw->pw_gid) != 0 || setgid(pw->pw_gid) != 0 ||
+	    setuid(pw->pw_uid) != 0) {
+		log_error("privileges", "user=%s reason=\"%s\"", user,
+		    strerror(errno));
+		return -1;
+	}
+	/* Prove it: regaining root must now fail. */
+	if (pw->pw_uid != 0 && setuid(0) == 0) {
+		log_error("privileges", "user=%s reason=\"could regain root\"", user);
+		return -1;
+	}
+	log_info("privileges", "user=%s uid=%u gid=%u", user,
+	    (unsigned)pw->pw_uid, (unsigned)pw->pw_gid);
+	return 0;
+}
+
+int
+main(int argc, char **argv)
+{
+	const char *path = NULL;
+	bool check = false;
+	struct config_diag diag;
+	struct event *sigs[4];
+	const int signums[4] = { SIGHUP, SIGTERM, SIGINT, SIGUSR1 };
+	char err[512];
+	bool ok;
+	int ch;
+	size_t i;
+
+	while ((ch = getopt(argc, argv, "c:tVh")) != -1) {
+		switch (ch) {
+		case 'c':
+			path = optarg;
+			break;
+		case 't':
+			check = true;
+			break;
+		case 'V':
+			printf("imapshim %s\n", PACKAGE_VERSION);
+			return 0;
+		case 'h':
+			main_usage(stdout);
+			return 0;
+		default:
+			main_usage(stderr);
+			return 1;
+		}
+	}
+	if (path == NULL || optind != argc) {
+		main_usage(stderr);
+		return 1;
+	}
+	memset(&diag, 0, sizeof(diag));
+	main_cfg = config_load(path, true, &diag);
+	if (check) {
+		main_print_diag(&diag);
+		if (main_cfg == NULL)
+			return 1;
+		printf("%s: configuration is valid\n", path);
+		config_free(main_cfg);
+		return 0;
+	}
+	if (main_cfg == NULL) {
+		main_print_diag(&diag);
+		return 1;
+	}
+	log_set_level(main_cfg->log_level);
+	if (log_open(main_cfg->log_target, err, sizeof(err)) != 0) {
+		fprintf(stderr, "imapshim: %s\n", err);
+		return 1;
+	}
+	main_warn_config(main_cfg, &diag);
+	if (!main_cfg->tls_verify)
+		log_warn("tls_verify_off", "reason=\"[upstream] tls_verify = no: "
+		    "Exchange certificates are NOT verified\"");
+	signal(SIGPIPE, SIG_IGN);
+
+	main_base = event_base_new();
+	if (main_base == NULL || reap_init(main_base) != 0)
+		log_fatal("start", "reason=\"cannot create the event loop\"");
+	main_env.base = main_base;
+	main_env.dns = evdns_base_new(main_base, EVDNS_BASE_INITIALIZE_NAMESERVERS);
+	if (main_env.dns == NULL)
+		main_env.dns = evdns_base_new(main_base, 0);
+	main_env.cfg = main_cfg;
+	main_env.server_ctx = main_server_ctx(main_cfg);
+	main_env.upstream_ctx = main_upstream_ctx(main_cfg, &ok);
+	if ((main_env.server_ctx == NULL && (main_cfg->has_listen ||
+	    main_cfg->has_listen_starttls)) || !ok)
+		log_fatal("start", "reason=\"TLS set-up failed\"");
+	client_init(&main_env);
+	if (listener_start(main_base, main_cfg, err, sizeof(err)) != 0)
+		log_fatal("start", "reason=\"%s\"", err);
+	if (main_cfg->user != NULL && main_drop_privileges(main_cfg->user) != 0)
+		log_fatal("start", "reason=\"cannot switch to user %s\"",
+		    main_cfg->user);
+	for (i = 0; i < nitems(sigs); i++) {
+		sigs[i] = evsignal_new(main_base, signums[i], main_signal_cb, NULL);
+		if (sigs[i] == NULL || evsignal_add(sigs[i], NULL) != 0)
+			log_fatal("start", "reason=\"cannot install signal handlers\"");
+	}
+	main_drain_ev = evtimer_new(main_base, main_drain_cb, NULL);
+	log_info("ready", "version=%s config=%s servers=%zu admins=%zu",
+	    PACKAGE_VERSION, main_cfg->path, main_cfg->n_servers,
+	    main_cfg->n_admins);
+
+	event_base_dispatch(main_base);
+
+	log_info("exit", "status=0");
+	reap_shutdown();
+	for (i = 0; i < nitems(sigs); i++)
+		event_free(sigs[i]);
+	event_free(main_drain_ev);
+	listener_stop();
+	evdns_base_free(main_env.dns, 0);
+	tls_ctx_free(main_env.server_ctx);
+	tls_ctx_free(main_env.upstream_ctx);
+	event_base_free(main_base);
+	config_free(main_cfg);
+	log_close();
+	return 0;
+}

@@ -1,0 +1,49 @@
+/* relay.c - framing evbuffers for the client and upstream relays. */
+#include "relay.h"
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+
+bool
+relay_frame_next(struct imap_framer *fr, struct evbuffer *in,
+    struct imap_frame *out, const char **line)
+{
+	struct evbuffer_iovec v;
+	size_t avail, want;
+
+	*line = NULL;
+	for (;;) {
+		avail = evbuffer_get_length(in);
+		if (avail == 0)
+			return false;
+		if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
+			return false;
+		imap_framer_next(fr, v.iov_base, v.iov_len, out);
+		if (out->kind == IMAP_FR_MORE) {
+			if (out->len > 0) {
+				evbuffer_drain(in, out->len);
+				continue;
+			}
+			if (v.iov_len >= avail)
+				return false;
+			/* The line spans chunks: make more of it contiguous.
+			 * Lines are bounded by the framer's limit, so this
+			 * never copies a literal. */
+			want = v.iov_len * 2 + 4096;
+			if (want > avail)
+				want = avail;
+			if (evbuffer_pullup(in, (ev_ssize_t)want) == NULL)
+				return false;
+			continue;
+		}
+		if (out->kind == IMAP_FR_LINE || out->kind == IMAP_FR_OVERFLOW)
+			*line = v.iov_base;
+		return true;
+	}
+}
+
+bool
+relay_output_full(struct bufferevent *dst)
+{
+	return evbuffer_get_length(bufferevent_get_output(dst)) >= RELAY_HIWAT;
+}

@@ -1,0 +1,40 @@
+/*
+ * relay.h - framing an evbuffer and moving bytes with backpressure.
+ *
+ * Owns no object: helpers shared by client.c and upstream.c to run the
+ * imap_parse framer over a bufferevent's input without copying literal
+ * octets, and the high/low-water constants that bound each session's
+ * buffers.  Backpressure never uses read high-watermarks (they stall on SSL
+ * bufferevents): the reader disables EV_READ on its source and the sink's
+ * write low-watermark callback enables it again.
+ */
+#ifndef RELAY_H
+#define RELAY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "imap_parse.h"
+
+struct evbuffer;
+struct bufferevent;
+
+/* Output queued for one peer beyond which we stop reading the other. */
+#define RELAY_HIWAT (256 * 1024)
+/* Output level at which reading resumes. */
+#define RELAY_LOWAT (64 * 1024)
+
+/*
+ * Run the framer over in.  Returns true with a frame in out (and, for LINE
+ * frames, *line pointing at its contiguous bytes, valid until in changes);
+ * false when more input is needed.  The caller consumes out->len bytes
+ * (evbuffer_drain or evbuffer_remove_buffer) before calling again.
+ * MORE frames with len > 0 (discarded bytes) are drained here.
+ */
+bool relay_frame_next(struct imap_framer *fr, struct evbuffer *in,
+    struct imap_frame *out, const char **line);
+
+/* True when dst's output is at or above the high-water mark. */
+bool relay_output_full(struct bufferevent *dst);
+
+#endif

@@ -1315,3 +1315,17 @@ client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
 	if (kind == CLIENT_LISTEN_STARTTLS)
 		cl_send_greeting(c);
 }
+
+void
+client_free_all(void)
+{
+	struct client *c;
+
+	client_close_all("imapshim shutting down.");
+	while ((c = TAILQ_FIRST(&cl_all)) != NULL) {
+		if (c->cl_reap.re_queued)
+			reap_run();
+		else
+			cl_free(c);
+	}
+}

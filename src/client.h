@@ -48,5 +48,7 @@ unsigned client_count(void);
 
 /* Close every session with "* BYE reason" (shutdown). */
 void client_close_all(const char *bye);
+/* At exit: close and free every session now, flushed or not. */
+void client_free_all(void);
 
 #endif

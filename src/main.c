@@ -23,6 +23,7 @@
 #include "log.h"
 #include "reap.h"
 #include "tls.h"
+#include "upstream.h"
 #include "util.h"
 
 /* How often a draining process checks whether its clients are gone. */
@@ -160,9 +161,11 @@ main_drain_cb(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	(void)arg;
-	if (client_count() == 0 || util_now_ms() >= main_drain_deadline_ms) {
+	if (util_now_ms() >= main_drain_deadline_ms)
 		client_close_all("imapshim shutting down.");
-		reap_run();
+	/* Clients first; then the upstreams finish their LOGOUT (bounded
+	 * by their own short timer). */
+	if (client_count() == 0 && upstream_count() == 0) {
 		event_base_loopexit(main_base, NULL);
 		return;
 	}
@@ -320,6 +323,8 @@ main(int argc, char **argv)
 	event_base_dispatch(main_base);
 
 	log_info("exit", "status=0");
+	client_free_all();
+	upstream_free_all();
 	reap_shutdown();
 	for (i = 0; i < nitems(sigs); i++)
 		event_free(sigs[i]);

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 
 #include "auth.h"
 #include "imapshim.h"
@@ -69,7 +70,11 @@ struct upstream {
 	const char *up_close_reason;
 	uint64_t up_started_ms;
 	struct reap_entry up_reap;
+	TAILQ_ENTRY(upstream) up_link;
 };
+
+static TAILQ_HEAD(, upstream) up_all = TAILQ_HEAD_INITIALIZER(up_all);
+static unsigned up_count;
 
 static const char *const up_state_names[] = {
 	"connecting", "handshake", "greeting", "starttls", "capability",
@@ -126,6 +131,8 @@ up_free(void *obj)
 {
 	struct upstream *u = obj;
 
+	TAILQ_REMOVE(&up_all, u, up_link);
+	up_count--;
 	if (u->up_bev != NULL) {
 		tls_close_notify(u->up_ssl);
 		bufferevent_free(u->up_bev);
@@ -653,6 +660,8 @@ upstream_new(struct event_base *base, struct evdns_base *dns,
 	bufferevent_setwatermark(u->up_bev, EV_WRITE, RELAY_LOWAT, 0);
 	bufferevent_enable(u->up_bev, EV_READ | EV_WRITE);
 	u->up_state = UP_S_CONNECTING;
+	TAILQ_INSERT_TAIL(&up_all, u, up_link);
+	up_count++;
 	/* The login timeout covers the whole login once connected. */
 	up_arm_timer(u, p->connect_timeout_ms + p->login_timeout_ms);
 	log_debug("upstream_connect", "up=%llu server=%s user=%s",
@@ -702,4 +711,23 @@ void
 upstream_abort(struct upstream *u, const char *reason)
 {
 	up_close(u, reason, false);
+}
+
+unsigned
+upstream_count(void)
+{
+	return up_count;
+}
+
+void
+upstream_free_all(void)
+{
+	struct upstream *u;
+
+	while ((u = TAILQ_FIRST(&up_all)) != NULL) {
+		if (u->up_reap.re_queued)
+			reap_run();
+		else
+			up_free(u);
+	}
 }

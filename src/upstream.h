@@ -111,6 +111,10 @@ bool upstream_has_cap(const struct upstream *u, const char *cap);
 const char *upstream_cap(const struct upstream *u, size_t i);
 
 uint64_t upstream_id(const struct upstream *u);
+/* Upstream sessions alive, in any state (not yet reaped). */
+unsigned upstream_count(void);
+/* Free every upstream at exit, LOGOUT sent or not. */
+void upstream_free_all(void);
 enum up_state upstream_state(const struct upstream *u);
 const char *upstream_state_name(enum up_state st);
 const char *upstream_fail_name(enum up_fail why);

@@ -34,6 +34,8 @@
 #define CL_MAX_BAD_IN_ROW 10
 /* Largest literal accepted before login (LOGIN arguments). */
 #define CL_PREAUTH_LITERAL_MAX 4096
+/* Largest whole command (text and literals) accepted before login. */
+#define CL_PREAUTH_COMMAND_MAX (16 * 1024)
 /* How long a closing session may take to flush its last bytes. */
 #define CL_CLOSE_FLUSH_MS 5000
 /* Commands in flight per session; beyond it we stop reading (backpressure). */
@@ -104,13 +106,32 @@ struct client {
 	size_t cl_pend_cap, cl_pend_head, cl_pend_len;
 	struct cl_pend *cl_cur_pend;	/* the relayed command being read */
 	bool cl_read_blocked;		/* upstream output full or too many pending */
+	bool cl_logout;			/* LOGOUT read: nothing after it is */
+	unsigned cl_inflight;		/* relayed commands without their reply */
 
 	uint64_t cl_started_ms;
 	uint64_t cl_bytes_in, cl_bytes_out;
 	const char *cl_close_reason;
 	struct reap_entry cl_reap;
 	TAILQ_ENTRY(client) cl_link;
+	struct cl_ipq *cl_ipq;		/* while unauthenticated */
+	TAILQ_ENTRY(client) cl_ip_link;
 };
+
+/*
+ * Unauthenticated sessions per source address.  When one more arrives over
+ * max_unauth_per_ip, the oldest is closed (as Dovecot's login processes
+ * do): a flood of slow connections then never locks out the voice
+ * platform, which reconnects in a burst from that same address.
+ */
+#define CL_IP_BUCKETS 1024
+struct cl_ipq {
+	uint8_t iq_addr[16];		/* IPv6, or IPv4 as v4-mapped */
+	unsigned iq_count;
+	TAILQ_HEAD(, client) iq_clients;	/* oldest first */
+	LIST_ENTRY(cl_ipq) iq_link;
+};
+static LIST_HEAD(, cl_ipq) cl_ipq_hash[CL_IP_BUCKETS];
 
 static const struct client_env *cl_env;
 static TAILQ_HEAD(, client) cl_all = TAILQ_HEAD_INITIALIZER(cl_all);
@@ -181,6 +202,16 @@ cl_printf(struct client *c, const char *fmt, ...)
 	if ((size_t)n >= sizeof(buf))
 		n = sizeof(buf) - 1;
 	cl_write(c, buf, (size_t)n);
+}
+
+/* Read again; input that arrived while reading was off gets no new read
+ * event, so trigger one (deferred: never re-entered from our caller). */
+static void
+cl_resume_reading(struct client *c)
+{
+	bufferevent_enable(c->cl_bev, EV_READ);
+	if (evbuffer_get_length(bufferevent_get_input(c->cl_bev)) > 0)
+		bufferevent_trigger(c->cl_bev, EV_READ, BEV_TRIG_DEFER_CALLBACKS);
 }
 
 /* ------------------------------------------------------------ capability */
@@ -312,6 +343,69 @@ cl_reply(struct client *c, const char *tag, size_t taglen, bool logout,
 	p->reply = xstrdup(buf);
 }
 
+/* ------------------------------------------------ unauthenticated per IP */
+
+static void
+cl_ip_key(const struct sockaddr *sa, uint8_t key[16])
+{
+	memset(key, 0, 16);
+	if (sa->sa_family == AF_INET) {
+		key[10] = key[11] = 0xff;
+		memcpy(key + 12, &((const struct sockaddr_in *)(const void *)sa)->sin_addr, 4);
+	} else if (sa->sa_family == AF_INET6)
+		memcpy(key, &((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr, 16);
+}
+
+static void
+cl_unauth_remove(struct client *c)
+{
+	struct cl_ipq *q = c->cl_ipq;
+
+	if (q == NULL)
+		return;
+	TAILQ_REMOVE(&q->iq_clients, c, cl_ip_link);
+	c->cl_ipq = NULL;
+	if (--q->iq_count == 0) {
+		LIST_REMOVE(q, iq_link);
+		free(q);
+	}
+}
+
+static void
+cl_unauth_add(struct client *c, const struct sockaddr *sa)
+{
+	uint8_t key[16];
+	uint32_t h = 2166136261u;
+	struct cl_ipq *q;
+	size_t i;
+
+	cl_ip_key(sa, key);
+	for (i = 0; i < sizeof(key); i++)
+		h = (h ^ key[i]) * 16777619u;
+	LIST_FOREACH(q, &cl_ipq_hash[h % CL_IP_BUCKETS], iq_link)
+		if (memcmp(q->iq_addr, key, sizeof(key)) == 0)
+			break;
+	if (q == NULL) {
+		q = xcalloc(1, sizeof(*q));
+		memcpy(q->iq_addr, key, sizeof(key));
+		TAILQ_INIT(&q->iq_clients);
+		LIST_INSERT_HEAD(&cl_ipq_hash[h % CL_IP_BUCKETS], q, iq_link);
+	}
+	/* c joins before the oldest leave, so q never empties here. */
+	q->iq_count++;
+	TAILQ_INSERT_TAIL(&q->iq_clients, c, cl_ip_link);
+	c->cl_ipq = q;
+	while (q->iq_count > cl_cfg()->max_unauth_per_ip) {
+		struct client *old = TAILQ_FIRST(&q->iq_clients);
+
+		log_warn("client_unauth_limit", "peer=%s closed_id=%llu "
+		    "max_unauth_per_ip=%u", c->cl_peer,
+		    (unsigned long long)old->cl_id, cl_cfg()->max_unauth_per_ip);
+		cl_close(old, "max_unauth_per_ip", "Too many unauthenticated "
+		    "connections from your address.");
+	}
+}
+
 /* --------------------------------------------------------------- closing */
 
 static void
@@ -367,6 +461,7 @@ cl_close(struct client *c, const char *reason, const char *bye)
 	    (unsigned long long)c->cl_bytes_out,
 	    (unsigned long long)(util_now_ms() - c->cl_started_ms));
 	c->cl_close_reason = reason;
+	cl_unauth_remove(c);
 	cl_release_upstream(c);
 	cl_set_state(c, CL_S_CLOSING);
 	bufferevent_disable(c->cl_bev, EV_READ);
@@ -450,8 +545,7 @@ cl_auth_answer(struct client *c, const char *text)
 	}
 	cl_set_state(c, CL_S_NOTAUTH);
 	cl_arm_timer(c, cl_cfg()->client_login_timeout_ms);
-	bufferevent_enable(c->cl_bev, EV_READ);
-	cl_read_cb(c->cl_bev, c);
+	cl_resume_reading(c);
 }
 
 /* Check credentials locally; a wrong password never reaches Exchange. */
@@ -477,6 +571,7 @@ cl_check_credentials(struct client *c, const char *user, size_t userlen,
 	log_info("client_auth", "id=%llu peer=%s mailbox=%s admin=%s password=%s",
 	    (unsigned long long)c->cl_id, c->cl_peer, c->cl_name.mailbox,
 	    c->cl_admin, LOG_MASKED);
+	cl_unauth_remove(c);
 	cl_set_state(c, CL_S_LOGGING_IN);
 	bufferevent_disable(c->cl_bev, EV_READ);
 	evtimer_del(c->cl_timer);
@@ -685,9 +780,10 @@ cl_preauth_command(struct client *c)
 		cl_bad(c, tag.p, tag.len, "Command not valid before login.");
 }
 
-/* A tag for an error reply from the start of a command line, if it has one. */
-static size_t
-cl_line_tag(const char *line, size_t len, const char **tag)
+/* Copy the tag at the start of a command line into tag (for an error
+ * reply once the line is gone), or "*" when it has none.  Returns tag. */
+static const char *
+cl_line_tag(const char *line, size_t len, char tag[IMAPSHIM_TAG_MAX + 1])
 {
 	size_t n = 0;
 
@@ -696,29 +792,34 @@ cl_line_tag(const char *line, size_t len, const char **tag)
 	    line[n] != '*' && line[n] != '{' && line[n] != '"')
 		n++;
 	if (n == 0 || n > IMAPSHIM_TAG_MAX || n >= len || line[n] != ' ')
-		return 0;
-	*tag = line;
-	return n;
+		n = 0;
+	memcpy(tag, n ? line : "*", n ? n : 1);
+	tag[n ? n : 1] = '\0';
+	return tag;
 }
 
 static void
 cl_preauth_frame(struct client *c, const struct imap_frame *fr,
     const char *line, struct evbuffer *in)
 {
-	const char *tag = NULL;
-	size_t taglen;
+	char tag[IMAPSHIM_TAG_MAX + 1];
 
 	switch (fr->kind) {
 	case IMAP_FR_OVERFLOW:
-		taglen = fr->overflow_first ? cl_line_tag(line, fr->len, &tag) :
-		    cl_line_tag((const char *)evbuffer_pullup(c->cl_cmd, -1),
-		    evbuffer_get_length(c->cl_cmd), &tag);
+		if (fr->overflow_first)
+			cl_line_tag(line, fr->len, tag);
+		else
+			cl_line_tag((const char *)evbuffer_pullup(c->cl_cmd, -1),
+			    evbuffer_get_length(c->cl_cmd), tag);
 		evbuffer_drain(in, fr->len);
 		evbuffer_drain(c->cl_cmd, evbuffer_get_length(c->cl_cmd));
-		cl_bad(c, tag, taglen, "Command line too long.");
+		cl_bad(c, tag, strlen(tag), "Command line too long.");
 		return;
 	case IMAP_FR_LITERAL:
 		evbuffer_remove_buffer(in, c->cl_cmd, fr->len);
+		if (evbuffer_get_length(c->cl_cmd) > CL_PREAUTH_COMMAND_MAX)
+			cl_close(c, "command-too-large",
+			    "Command too large before login.");
 		return;
 	case IMAP_FR_LINE:
 		break;
@@ -726,16 +827,17 @@ cl_preauth_frame(struct client *c, const struct imap_frame *fr,
 		return;
 	}
 	evbuffer_remove_buffer(in, c->cl_cmd, fr->len);
+	if (evbuffer_get_length(c->cl_cmd) > CL_PREAUTH_COMMAND_MAX) {
+		/* Many small literals add up; nothing before login needs this. */
+		cl_close(c, "command-too-large", "Command too large before login.");
+		return;
+	}
 	if (fr->lit_toobig) {
-		taglen = cl_line_tag((const char *)evbuffer_pullup(c->cl_cmd, -1),
-		    evbuffer_get_length(c->cl_cmd), &tag);
+		cl_line_tag((const char *)evbuffer_pullup(c->cl_cmd, -1),
+		    evbuffer_get_length(c->cl_cmd), tag);
 		evbuffer_drain(c->cl_cmd, evbuffer_get_length(c->cl_cmd));
-		if (taglen == 0) {
-			tag = "*";
-			taglen = 1;
-		}
-		cl_printf(c, "%.*s NO [TOOBIG] Literal too big before login.\r\n",
-		    (int)taglen, tag);
+		cl_printf(c, "%s NO [TOOBIG] Literal too big before login.\r\n",
+		    tag);
 		return;
 	}
 	if (fr->has_lit && !fr->lit_nonsync)
@@ -754,6 +856,7 @@ static void cl_up_frame(void *arg, const struct imap_frame *fr,
     const struct imap_resp *resp, struct evbuffer *in);
 static void cl_up_lost(void *arg, const char *reason);
 static void cl_up_writable(void *arg);
+static void cl_unblock(struct client *c);
 
 static const struct upstream_cbs cl_up_cbs = {
 	.ready = cl_up_ready,
@@ -863,8 +966,7 @@ cl_up_ready(void *arg)
 	cl_caps(c, caps, sizeof(caps));
 	cl_printf(c, "%s OK [CAPABILITY %s] Logged in.\r\n", c->cl_tag, caps);
 	cl_arm_timer(c, cfg->client_idle_timeout_ms);
-	bufferevent_enable(c->cl_bev, EV_READ);
-	cl_read_cb(c->cl_bev, c);
+	cl_resume_reading(c);
 }
 
 static void
@@ -878,16 +980,22 @@ cl_up_lost(void *arg, const char *reason)
 	cl_close(c, "upstream-lost", bye);
 }
 
+/* Read on once whatever blocked reading is gone (see cl_read_cb). */
+static void
+cl_unblock(struct client *c)
+{
+	if (c->cl_read_blocked && c->cl_state == CL_S_AUTH && !c->cl_logout &&
+	    c->cl_up != NULL && !upstream_output_full(c->cl_up) &&
+	    c->cl_pend_len < CL_MAX_PENDING) {
+		c->cl_read_blocked = false;
+		cl_resume_reading(c);
+	}
+}
+
 static void
 cl_up_writable(void *arg)
 {
-	struct client *c = arg;
-
-	if (c->cl_read_blocked && c->cl_state == CL_S_AUTH) {
-		c->cl_read_blocked = false;
-		bufferevent_enable(c->cl_bev, EV_READ);
-		cl_read_cb(c->cl_bev, c);
-	}
+	cl_unblock(arg);
 }
 
 /* Find the relayed command a tagged reply answers. */
@@ -927,7 +1035,9 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 			 * cut short upstream); hide the server's answer. */
 			evbuffer_drain(in, fr->len);
 			p->done = true;
+			c->cl_inflight--;
 			cl_pend_flush(c);
+			cl_unblock(c);
 			return;
 		}
 	}
@@ -935,14 +1045,9 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 	evbuffer_remove_buffer(in, out, fr->len);
 	if (p != NULL) {
 		p->done = true;
+		c->cl_inflight--;
 		cl_pend_flush(c);
-		if (c->cl_state == CL_S_CLOSING)
-			return;
-		if (c->cl_read_blocked && c->cl_pend_len < CL_MAX_PENDING &&
-		    c->cl_up != NULL && !upstream_output_full(c->cl_up)) {
-			c->cl_read_blocked = false;
-			bufferevent_enable(c->cl_bev, EV_READ);
-		}
+		cl_unblock(c);
 	}
 	if (c->cl_up != NULL && relay_output_full(c->cl_bev))
 		upstream_pause(c->cl_up, true);
@@ -1007,6 +1112,9 @@ cl_auth_local(struct client *c, const struct imap_tok *tag,
 		    "\"version\" \"%s\")\r\n%.*s OK ID completed.\r\n",
 		    PACKAGE_VERSION, (int)tag->len, tag->p);
 	} else if (imap_tok_is(cmd, "LOGOUT") && single_line) {
+		/* Commands pipelined after LOGOUT are never run. */
+		c->cl_logout = true;
+		bufferevent_disable(c->cl_bev, EV_READ);
 		cl_reply(c, tag->p, tag->len, true, "* BYE imapshim logging out."
 		    "\r\n%.*s OK LOGOUT completed.\r\n", (int)tag->len, tag->p);
 	} else if (imap_tok_is(cmd, "LOGIN") || imap_tok_is(cmd, "AUTHENTICATE")) {
@@ -1027,8 +1135,7 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
     const char *line, struct evbuffer *in)
 {
 	struct imap_tok tag, cmd;
-	const char *t = NULL;
-	size_t tl;
+	char t[IMAPSHIM_TAG_MAX + 1];
 
 	if (c->cl_in_idle) {
 		/* The only thing a client may send while idling is DONE;
@@ -1040,16 +1147,17 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 	}
 	if (imap_parse_command_head(line, fr->text_len, &tag, &cmd) != 0 ||
 	    tag.len > IMAPSHIM_TAG_MAX) {
-		tl = cl_line_tag(line, fr->text_len, &t);
+		cl_line_tag(line, fr->text_len, t);
 		evbuffer_drain(in, fr->len);
 		c->cl_cur = fr->last ? CL_CUR_NONE : CL_CUR_SWALLOW;
-		cl_bad(c, t, tl, "Invalid command: expected a tag and a command.");
+		cl_bad(c, t, strlen(t), "Invalid command: expected a tag and a "
+		    "command.");
 		return;
 	}
 	if (fr->lit_toobig) {
-		evbuffer_drain(in, fr->len);
 		cl_reply(c, tag.p, tag.len, false, "%.*s NO [TOOBIG] Literal "
 		    "larger than max_literal_bytes.\r\n", (int)tag.len, tag.p);
+		evbuffer_drain(in, fr->len);
 		return;
 	}
 	if (cl_auth_local(c, &tag, &cmd, fr->last)) {
@@ -1061,6 +1169,7 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 	c->cl_bad_in_row = 0;
 	c->cl_cur_pend = cl_pend_push(c, tag.p, tag.len);
 	c->cl_cur_pend->relayed = true;
+	c->cl_inflight++;
 	log_debug("client_command", "id=%llu tag=%s command=%.*s",
 	    (unsigned long long)c->cl_id, c->cl_cur_pend->tag, (int)cmd.len,
 	    cmd.p);
@@ -1074,16 +1183,16 @@ static void
 cl_auth_frame(struct client *c, const struct imap_frame *fr, const char *line,
     struct evbuffer *in)
 {
-	const char *t = NULL;
-	size_t tl;
+	char t[IMAPSHIM_TAG_MAX + 1];
 
 	switch (fr->kind) {
 	case IMAP_FR_OVERFLOW:
+		cl_line_tag(line, fr->len, t);
 		evbuffer_drain(in, fr->len);
 		if (fr->overflow_first) {
-			tl = cl_line_tag(line, fr->len, &t);
 			c->cl_cur = CL_CUR_NONE;
-			cl_bad(c, t, tl, "Command line too long (max_command_bytes).");
+			cl_bad(c, t, strlen(t), "Command line too long "
+			    "(max_command_bytes).");
 		} else if (c->cl_cur == CL_CUR_RELAY)
 			cl_poison_current(c, "BAD Command line too long "
 			    "(max_command_bytes).");
@@ -1138,14 +1247,19 @@ cl_read_cb(struct bufferevent *bev, void *arg)
 	if (c->cl_state == CL_S_AUTH)
 		cl_arm_timer(c, cl_cfg()->client_idle_timeout_ms);
 	for (;;) {
-		if (c->cl_state != CL_S_NOTAUTH && c->cl_state != CL_S_SASL &&
-		    c->cl_state != CL_S_AUTH)
+		if ((c->cl_state != CL_S_NOTAUTH && c->cl_state != CL_S_SASL &&
+		    c->cl_state != CL_S_AUTH) || c->cl_logout)
 			return;
 		if (c->cl_state == CL_S_AUTH && (c->cl_up == NULL ||
 		    upstream_output_full(c->cl_up) ||
-		    c->cl_pend_len >= CL_MAX_PENDING)) {
-			/* Backpressure: resume from the upstream's writable
-			 * callback or when replies come back. */
+		    c->cl_pend_len >= CL_MAX_PENDING ||
+		    (c->cl_inflight > 0 && c->cl_cur == CL_CUR_NONE &&
+		    !c->cl_in_idle && imap_framer_at_boundary(&c->cl_framer)))) {
+			/* Backpressure, and one command upstream at a time:
+			 * servers may answer pipelined commands out of order
+			 * (Dovecot does), and the client must get its replies
+			 * in the order it sent the commands.  Resume from the
+			 * upstream's writable callback or its tagged reply. */
 			c->cl_read_blocked = true;
 			bufferevent_disable(bev, EV_READ);
 			return;
@@ -1303,6 +1417,7 @@ client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
 		bufferevent_openssl_set_allow_dirty_shutdown(c->cl_bev, 1);
 	TAILQ_INSERT_TAIL(&cl_all, c, cl_link);
 	cl_count++;
+	cl_unauth_add(c, sa);
 	imap_framer_init(&c->cl_framer, cl_cfg()->max_command_bytes,
 	    CL_PREAUTH_LITERAL_MAX);
 	bufferevent_setcb(c->cl_bev, cl_read_cb, cl_write_cb, cl_event_cb, c);

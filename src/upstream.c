@@ -69,6 +69,11 @@ struct upstream {
 	char up_fail_reason[512];
 	const char *up_close_reason;
 	uint64_t up_started_ms;
+	void (*up_on_free)(void *);
+	void *up_free_arg;
+	/* internal command in flight (upstream_command) */
+	void (*up_cmd_done)(void *arg, bool ok);
+	void *up_cmd_arg;
 	struct reap_entry up_reap;
 	TAILQ_ENTRY(upstream) up_link;
 };
@@ -137,6 +142,8 @@ up_free(void *obj)
 		tls_close_notify(u->up_ssl);
 		bufferevent_free(u->up_bev);
 	}
+	if (u->up_on_free != NULL)
+		u->up_on_free(u->up_free_arg);
 	if (u->up_timer != NULL)
 		event_free(u->up_timer);
 	free(u->up_host);
@@ -217,9 +224,51 @@ upstream_state(const struct upstream *u)
 }
 
 unsigned
-upstream_failed_responses(const struct upstream *u)
+upstream_failed_responses(const struct upstream *u, unsigned *bad_r)
 {
+	if (bad_r != NULL)
+		*bad_r = u->up_bad;
 	return u->up_no + u->up_bad;
+}
+
+void
+upstream_set_lessee(struct upstream *u, const struct upstream_cbs *cbs,
+    void *arg)
+{
+	if (u->up_closing)
+		return;
+	u->up_cbs = cbs;
+	u->up_arg = arg;
+	u->up_out_full = false;
+	upstream_pause(u, false);
+}
+
+int
+upstream_command(struct upstream *u, const char *cmd,
+    void (*done)(void *arg, bool ok), void *arg)
+{
+	if (u->up_closing || u->up_state != UP_S_READY || u->up_cmd_done != NULL ||
+	    !imap_framer_at_boundary(&u->up_framer))
+		return -1;
+	u->up_cmd_done = done;
+	u->up_cmd_arg = arg;
+	up_send(u, cmd);
+	log_debug("upstream_send", "up=%llu tag=%s command=\"%s\"",
+	    (unsigned long long)u->up_id, u->up_tag, cmd);
+	return 0;
+}
+
+/* End the internal command in flight, if any.  Returns true if there was one. */
+static bool
+up_cmd_finish(struct upstream *u, bool ok)
+{
+	void (*done)(void *, bool) = u->up_cmd_done;
+
+	if (done == NULL)
+		return false;
+	u->up_cmd_done = NULL;
+	done(u->up_cmd_arg, ok);
+	return true;
 }
 
 struct evbuffer *
@@ -248,7 +297,8 @@ upstream_pause(struct upstream *u, bool pause)
 		bufferevent_enable(u->up_bev, EV_READ);
 		/* Bytes already buffered produce no new read event. */
 		if (evbuffer_get_length(bufferevent_get_input(u->up_bev)) > 0)
-			up_read_cb(u->up_bev, u);
+			bufferevent_trigger(u->up_bev, EV_READ,
+			    BEV_TRIG_DEFER_CALLBACKS);
 	}
 }
 
@@ -486,6 +536,14 @@ up_ready_frame(struct upstream *u, const struct imap_frame *fr,
 			u->up_bad += r.status == IMAP_ST_BAD;
 		}
 	}
+	if (u->up_cmd_done != NULL) {
+		/* Our own command: nobody sees its responses. */
+		evbuffer_drain(in, fr->len);
+		if (rp != NULL && r.kind == IMAP_RESP_TAGGED &&
+		    util_ieqn(r.tag.p, r.tag.len, u->up_tag))
+			up_cmd_finish(u, r.status == IMAP_ST_OK);
+		return;
+	}
 	if (u->up_cbs != NULL && u->up_cbs->frame != NULL)
 		u->up_cbs->frame(u->up_arg, fr, rp, in);
 	else
@@ -610,7 +668,9 @@ up_event_cb(struct bufferevent *bev, short what, void *arg)
 		    "server closed the connection" : "connection error";
 
 		u->up_cbs = NULL;
-		if (cbs != NULL && cbs->lost != NULL)
+		if (up_cmd_finish(u, false))
+			;	/* the command's owner learns of it */
+		else if (cbs != NULL && cbs->lost != NULL)
 			cbs->lost(u->up_arg, why);
 		upstream_close(u, (what & BEV_EVENT_EOF) ? "server-eof" :
 		    "server-error");
@@ -650,6 +710,8 @@ upstream_new(struct event_base *base, struct evdns_base *dns,
 	u->up_cbs = cbs;
 	u->up_arg = arg;
 	u->up_started_ms = util_now_ms();
+	u->up_on_free = p->on_free;
+	u->up_free_arg = p->free_arg;
 	imap_framer_init(&u->up_framer, IMAPSHIM_UPSTREAM_LINE_MAX, UINT64_MAX);
 	u->up_timer = evtimer_new(base, up_timer_cb, u);
 	u->up_bev = bufferevent_socket_new(base, -1,
@@ -680,6 +742,7 @@ up_close(struct upstream *u, const char *reason, bool logout)
 	u->up_closing = true;
 	u->up_close_reason = reason;
 	u->up_cbs = NULL;
+	u->up_cmd_done = NULL;
 	evtimer_del(u->up_timer);
 	log_info("upstream_close", "up=%llu server=%s user=%s state=%s "
 	    "reason=%s no=%u bad=%u duration_ms=%llu",

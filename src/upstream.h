@@ -64,6 +64,10 @@ struct upstream_params {
 	const char *password;
 	uint64_t connect_timeout_ms;	/* connect + TLS + greeting */
 	uint64_t login_timeout_ms;	/* CAPABILITY + LOGIN */
+	/* Called once when the socket is finally closed and the object freed
+	 * (the pool's budget slot ends there), whoever the lessee was. */
+	void (*on_free)(void *free_arg);
+	void *free_arg;
 };
 
 struct upstream_cbs {
@@ -118,7 +122,24 @@ void upstream_free_all(void);
 enum up_state upstream_state(const struct upstream *u);
 const char *upstream_state_name(enum up_state st);
 const char *upstream_fail_name(enum up_fail why);
-/* Tagged NO and BAD responses seen on this connection (Exchange counts). */
-unsigned upstream_failed_responses(const struct upstream *u);
+/* Tagged NO and BAD responses seen on this connection (Exchange counts);
+ * *bad_r (when not NULL) gets the BADs alone. */
+unsigned upstream_failed_responses(const struct upstream *u, unsigned *bad_r);
+
+/* Hand a ready session to a new lessee: callbacks from now on go to cbs and
+ * arg.  (NULL: nobody; responses are dropped and a loss is reported only
+ * through on_free.) */
+void upstream_set_lessee(struct upstream *u, const struct upstream_cbs *cbs,
+    void *arg);
+
+/*
+ * Run an internal command ("NOOP", "EXAMINE INBOX", "UNSELECT") on a ready
+ * session nobody is relaying on; every response to it is hidden.
+ * done(arg, ok) is called once, later: ok when the server answered OK,
+ * false on NO/BAD or when the session was lost first (the session is then
+ * closing).  Returns 0, or -1 when the session is not ready or busy.
+ */
+int upstream_command(struct upstream *u, const char *cmd,
+    void (*done)(void *arg, bool ok), void *arg);
 
 #endif

@@ -1,0 +1,1313 @@
+/*
+ * pool.c - the bounded pool of upstream sessions.
+ *
+ * Every upstream session is a struct pool_entry from the moment the pool
+ * asks ops->open() for it until the upstream's on_free hook fires (the
+ * socket is really closed).  The budget counters (P.total and each admin's
+ * pa_sessions) change in exactly two places: open_entry() and
+ * entry_free_cb().  Every decision that may call back into a client
+ * (grant, failure, timeout) is taken in pool_tick(), never inside
+ * pool_acquire(), pool_release() or pool_cancel(), and never from inside
+ * an upstream callback: those only change state and ask for a tick.
+ *
+ * Entry states (one TAILQ each, list length is the count):
+ *
+ *   LOGIN      connect, TLS, greeting, LOGIN        pool is the lessee
+ *   IDLE       logged in, pooled (list order: LRU)  pool is the lessee
+ *   CHECKING   NOOP before reuse                    pool is the lessee
+ *   RESETTING  UNSELECT / EXAMINE INBOX after use   pool is the lessee
+ *   HANDOFF    promised to a waiter, granted at the next tick
+ *   LEASED     a client is the lessee
+ *   CLOSING    closed or lost; waiting for on_free (still counted)
+ *
+ * Waiters are in P.queue (FIFO, PW_QUEUED) until their result is decided,
+ * then in P.deliver (PW_DELIVER) until pool_tick() calls them back.
+ */
+#include "pool.h"
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include "auth.h"
+#include "config.h"
+#include "log.h"
+#include "util.h"
+
+#ifndef TAILQ_FOREACH_SAFE
+#define TAILQ_FOREACH_SAFE(var, head, field, tvar)			\
+	for ((var) = TAILQ_FIRST(head);					\
+	    (var) != NULL && ((tvar) = TAILQ_NEXT(var, field), 1);	\
+	    (var) = (tvar))
+#endif
+
+/* Exchange disconnects at the 10th tagged NO-or-BAD and at the 3rd BAD:
+ * a returned session at or past these is closed instead of pooled. */
+#define POOL_RETIRE_FAILED 6
+#define POOL_RETIRE_BAD 2
+
+#define POOL_MB_BUCKETS 1024	/* idle sessions by mailbox */
+#define POOL_UP_BUCKETS 4096	/* upstream pointer -> entry */
+
+enum pe_state {
+	PE_LOGIN,
+	PE_IDLE,
+	PE_CHECKING,
+	PE_RESETTING,
+	PE_HANDOFF,
+	PE_LEASED,
+	PE_CLOSING,
+	PE_COUNT
+};
+static const char *const pe_state_names[] = {
+	"login", "idle", "checking", "resetting", "handoff", "leased",
+	"closing",
+};
+_Static_assert(nitems(pe_state_names) == PE_COUNT, "entry state names");
+
+enum pw_state { PW_NONE, PW_QUEUED, PW_DELIVER };
+
+static const char *const pool_fail_names[] = {
+	"timeout", "unavailable", "auth",
+};
+_Static_assert(nitems(pool_fail_names) == POOL_FAIL_COUNT, "fail names");
+
+/* One admin account, matched by name across reloads. */
+struct pool_admin {
+	char *pa_name;
+	size_t pa_index;		/* into P.cfg->admins unless removed */
+	unsigned pa_max;
+	unsigned pa_sessions;		/* every state, until on_free */
+	unsigned pa_closing;
+	bool pa_removed;		/* gone from the config: no new logins */
+	uint64_t pa_tokens_m;		/* login tokens, in 1/1000 */
+	uint64_t pa_refill_ms;
+	TAILQ_ENTRY(pool_admin) pa_link;	/* P.retired */
+};
+
+struct pool_entry {
+	uint64_t pe_id;
+	struct upstream *pe_up;
+	enum pe_state pe_state;
+	struct pool_admin *pe_admin;
+	size_t pe_server;
+	char pe_mailbox[IMAPSHIM_MAILBOX_MAX + 1];
+	unsigned pe_mbhash;
+	uint64_t pe_started_ms;
+	uint64_t pe_last_used_ms;
+	struct pool_waiter *pe_waiter;	/* login, check or handoff for it */
+	bool pe_reused;			/* HANDOFF of a pooled session */
+	TAILQ_ENTRY(pool_entry) pe_link;	/* P.lists[pe_state] */
+	TAILQ_ENTRY(pool_entry) pe_mblink;	/* P.idle_mb[], IDLE only */
+	LIST_ENTRY(pool_entry) pe_uplink;	/* P.by_up[] */
+};
+
+TAILQ_HEAD(pool_entry_list, pool_entry);
+TAILQ_HEAD(pool_waiter_list, pool_waiter);
+TAILQ_HEAD(pool_admin_list, pool_admin);
+LIST_HEAD(pool_entry_hlist, pool_entry);
+
+static struct {
+	bool init;
+	bool shut;
+	const struct config *cfg;
+	const struct pool_ops *ops;
+	struct pool_admin **admins;	/* parallel to cfg->admins */
+	size_t n_admins;
+	struct pool_admin_list retired;	/* removed, sessions still open */
+	size_t rr;			/* round-robin cursor for ties */
+
+	struct pool_entry_list lists[PE_COUNT];
+	unsigned counts[PE_COUNT];
+	unsigned total;			/* the budget counter */
+	struct pool_entry_list idle_mb[POOL_MB_BUCKETS];
+	struct pool_entry_hlist by_up[POOL_UP_BUCKETS];
+
+	struct pool_waiter_list queue;
+	struct pool_waiter_list deliver;
+	unsigned n_queued;
+
+	bool in_tick;
+	bool rerun;
+	uint64_t sched_at;
+	uint64_t next_id;
+
+	uint64_t reuses, logins_ok, logins_failed, queue_timeouts;
+} P;
+
+/* What pool_default_ops needs (pool_default_env). */
+static struct {
+	struct event_base *base;
+	struct evdns_base *dns;
+	SSL_CTX *ctx;
+	struct event *timer;
+} D;
+
+static void pool_up_ready_cb(void *arg);
+static void pool_up_failed_cb(void *arg, enum up_fail why, const char *reason);
+static void pool_up_frame_cb(void *arg, const struct imap_frame *fr,
+    const struct imap_resp *resp, struct evbuffer *in);
+static void pool_up_lost_cb(void *arg, const char *reason);
+
+/* The pool's own callbacks while it is the lessee. */
+static const struct upstream_cbs pool_up_cbs = {
+	.ready = pool_up_ready_cb,
+	.failed = pool_up_failed_cb,
+	.frame = pool_up_frame_cb,
+	.lost = pool_up_lost_cb,
+	.writable = NULL,
+};
+
+/* ------------------------------------------------------------ helpers */
+
+static uint64_t
+pool_now(void)
+{
+	return P.ops->now_ms();
+}
+
+static char
+lower(char c)
+{
+	return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
+}
+
+static unsigned
+mb_hash(const char *s)
+{
+	uint32_t h = 2166136261u;
+
+	for (; *s != '\0'; s++)
+		h = (h ^ (uint8_t)lower(*s)) * 16777619u;
+	return h;
+}
+
+static unsigned
+up_hash(const struct upstream *u)
+{
+	uintptr_t p = (uintptr_t)u;
+
+	return (unsigned)((p >> 4) ^ (p >> 16)) % POOL_UP_BUCKETS;
+}
+
+/* ASCII case-insensitive substring test. */
+static bool
+contains_ci(const char *hay, const char *needle)
+{
+	size_t n = strlen(needle), i;
+
+	if (n == 0)
+		return false;
+	for (; *hay != '\0'; hay++) {
+		for (i = 0; i < n && hay[i] != '\0' &&
+		    lower(hay[i]) == lower(needle[i]); i++)
+			;
+		if (i == n)
+			return true;
+	}
+	return false;
+}
+
+static const char *
+lv(char *buf, size_t len, const char *mb)
+{
+	return log_value(buf, len, mb, strlen(mb));
+}
+
+/*
+ * Ask for a tick as soon as possible.  Inside a tick this only notes that
+ * another one is needed (the tick reschedules itself at its end).
+ */
+static void
+pool_kick(void)
+{
+	uint64_t now;
+
+	if (!P.init || P.shut)
+		return;
+	if (P.in_tick) {
+		P.rerun = true;
+		return;
+	}
+	now = pool_now();
+	if (P.sched_at <= now)
+		return;
+	P.sched_at = now;
+	P.ops->schedule(now);
+}
+
+/* ------------------------------------------------------------ admins */
+
+static unsigned
+admin_burst(void)
+{
+	return P.cfg->login_burst > 0 ? P.cfg->login_burst : 1;
+}
+
+static void
+admin_refill(struct pool_admin *a, uint64_t now)
+{
+	uint64_t cap = (uint64_t)admin_burst() * 1000;
+
+	if (P.cfg->login_rate == 0)
+		a->pa_tokens_m = cap;
+	else if (now > a->pa_refill_ms) {
+		uint64_t add = (now - a->pa_refill_ms) * P.cfg->login_rate;
+
+		a->pa_tokens_m = a->pa_tokens_m + add > cap ? cap :
+		    a->pa_tokens_m + add;
+	}
+	if (a->pa_tokens_m > cap)
+		a->pa_tokens_m = cap;
+	a->pa_refill_ms = now;
+}
+
+/* When admin a will have a whole token (after admin_refill at now). */
+static uint64_t
+admin_token_at(const struct pool_admin *a, uint64_t now)
+{
+	uint64_t need;
+
+	if (a->pa_tokens_m >= 1000 || P.cfg->login_rate == 0)
+		return now;
+	need = 1000 - a->pa_tokens_m;
+	return now + (need + P.cfg->login_rate - 1) / P.cfg->login_rate;
+}
+
+static struct pool_admin *
+admin_new(const struct config_admin *ca, size_t idx, uint64_t now)
+{
+	struct pool_admin *a = xcalloc(1, sizeof(*a));
+
+	a->pa_name = xstrdup(ca->name);
+	a->pa_index = idx;
+	a->pa_max = ca->max_sessions;
+	a->pa_tokens_m = (uint64_t)admin_burst() * 1000;
+	a->pa_refill_ms = now;
+	return a;
+}
+
+static void
+admin_free(struct pool_admin *a)
+{
+	free(a->pa_name);
+	free(a);
+}
+
+/* An admin gone from the config: freed once its last session is. */
+static void
+admin_retire(struct pool_admin *a)
+{
+	a->pa_removed = true;
+	if (a->pa_sessions == 0)
+		admin_free(a);
+	else
+		TAILQ_INSERT_TAIL(&P.retired, a, pa_link);
+}
+
+/* ------------------------------------------------------------ entries */
+
+static void
+entry_set_state(struct pool_entry *e, enum pe_state to)
+{
+	enum pe_state from = e->pe_state;
+
+	if (from == to)
+		return;
+	if (from == PE_CLOSING)		/* terminal until on_free */
+		return;
+	TAILQ_REMOVE(&P.lists[from], e, pe_link);
+	P.counts[from]--;
+	if (from == PE_IDLE)
+		TAILQ_REMOVE(&P.idle_mb[e->pe_mbhash % POOL_MB_BUCKETS], e,
+		    pe_mblink);
+	e->pe_state = to;
+	TAILQ_INSERT_TAIL(&P.lists[to], e, pe_link);
+	P.counts[to]++;
+	if (to == PE_IDLE)
+		TAILQ_INSERT_TAIL(&P.idle_mb[e->pe_mbhash % POOL_MB_BUCKETS],
+		    e, pe_mblink);
+	if (to == PE_CLOSING)
+		e->pe_admin->pa_closing++;
+	log_debug("pool_entry_state", "entry=%llu from=%s to=%s",
+	    (unsigned long long)e->pe_id, pe_state_names[from],
+	    pe_state_names[to]);
+}
+
+static struct pool_entry *
+entry_lookup(const struct upstream *u)
+{
+	struct pool_entry *e;
+
+	LIST_FOREACH(e, &P.by_up[up_hash(u)], pe_uplink)
+		if (e->pe_up == u)
+			return e;
+	return NULL;
+}
+
+/* Put w back into the queue at its place (by the time it first asked). */
+static void
+waiter_requeue(struct pool_waiter *w)
+{
+	struct pool_waiter *o;
+
+	if (w->pw_state == PW_DELIVER)
+		TAILQ_REMOVE(&P.deliver, w, pw_link);
+	else if (w->pw_state == PW_QUEUED)
+		return;
+	w->pw_state = PW_QUEUED;
+	w->pw_queued = true;
+	P.n_queued++;
+	TAILQ_FOREACH_REVERSE(o, &P.queue, pool_waiter_list, pw_link)
+		if (o->pw_since_ms <= w->pw_since_ms)
+			break;
+	if (o == NULL)
+		TAILQ_INSERT_HEAD(&P.queue, w, pw_link);
+	else
+		TAILQ_INSERT_AFTER(&P.queue, o, w, pw_link);
+}
+
+/* Break the link between e and the waiter it was working for; a waiter
+ * already promised this entry goes back into the queue. */
+static void
+entry_detach_waiter(struct pool_entry *e)
+{
+	struct pool_waiter *w = e->pe_waiter;
+
+	if (w == NULL)
+		return;
+	e->pe_waiter = NULL;
+	if (w->pw_entry == e)
+		w->pw_entry = NULL;
+	if (w->pw_state == PW_DELIVER && w->pw_entry == NULL)
+		waiter_requeue(w);
+}
+
+/* The upstream is closing on its own (failed, lost): wait for on_free. */
+static void
+entry_mark_closing(struct pool_entry *e)
+{
+	if (e->pe_state == PE_CLOSING)
+		return;
+	entry_detach_waiter(e);
+	entry_set_state(e, PE_CLOSING);
+	pool_kick();
+}
+
+/* Close (LOGOUT) an entry the pool holds; its slot ends at on_free. */
+static void
+entry_close(struct pool_entry *e, const char *reason)
+{
+	char mb[80];
+
+	if (e->pe_state == PE_CLOSING)
+		return;
+	log_debug("pool_close", "entry=%llu mailbox=%s admin=%s state=%s "
+	    "reason=%s", (unsigned long long)e->pe_id,
+	    lv(mb, sizeof(mb), e->pe_mailbox), e->pe_admin->pa_name,
+	    pe_state_names[e->pe_state], reason);
+	entry_mark_closing(e);
+	if (e->pe_up != NULL)
+		P.ops->close(e->pe_up, reason);
+}
+
+/* A healthy, clean session goes into the pool (most recently used). */
+static void
+entry_to_idle(struct pool_entry *e)
+{
+	if (e->pe_admin->pa_removed || P.shut) {
+		entry_close(e, e->pe_admin->pa_removed ? "admin-removed" :
+		    "shutdown");
+		return;
+	}
+	entry_detach_waiter(e);
+	e->pe_last_used_ms = pool_now();
+	entry_set_state(e, PE_IDLE);	/* tail of the LRU */
+	pool_kick();
+}
+
+/* The most recently used idle session for mailbox, or NULL. */
+static struct pool_entry *
+idle_find(const char *mailbox)
+{
+	unsigned h = mb_hash(mailbox);
+	struct pool_entry *e;
+
+	TAILQ_FOREACH_REVERSE(e, &P.idle_mb[h % POOL_MB_BUCKETS],
+	    pool_entry_list, pe_mblink)
+		if (e->pe_mbhash == h && util_ieq(e->pe_mailbox, mailbox))
+			return e;
+	return NULL;
+}
+
+/* The upstream's on_free hook: the socket is gone, the slot is free. */
+static void
+entry_free_cb(void *arg)
+{
+	struct pool_entry *e = arg;
+	struct pool_admin *a = e->pe_admin;
+
+	if (e->pe_state != PE_CLOSING) {
+		/* Freed without a close through us (exit). */
+		entry_detach_waiter(e);
+		entry_set_state(e, PE_CLOSING);
+	}
+	TAILQ_REMOVE(&P.lists[PE_CLOSING], e, pe_link);
+	P.counts[PE_CLOSING]--;
+	if (e->pe_up != NULL)
+		LIST_REMOVE(e, pe_uplink);
+	a->pa_closing--;
+	a->pa_sessions--;
+	P.total--;
+	log_debug("pool_slot_free", "entry=%llu admin=%s sessions=%u "
+	    "admin_sessions=%u", (unsigned long long)e->pe_id, a->pa_name,
+	    P.total, a->pa_sessions);
+	if (a->pa_removed && a->pa_sessions == 0) {
+		TAILQ_REMOVE(&P.retired, a, pa_link);
+		admin_free(a);
+	}
+	free(e);
+	pool_kick();
+}
+
+/* ------------------------------------------------------------ waiters */
+
+/* Decide w's failure now; it is reported from pool_tick(). */
+static void
+waiter_fail(struct pool_waiter *w, enum pool_fail why, const char *reason)
+{
+	if (w->pw_entry != NULL) {
+		struct pool_entry *e = w->pw_entry;
+
+		e->pe_waiter = NULL;
+		w->pw_entry = NULL;
+		/* A session being checked for w goes back to the pool. */
+		if (e->pe_state == PE_HANDOFF)
+			entry_to_idle(e);
+	}
+	if (w->pw_state == PW_QUEUED) {
+		TAILQ_REMOVE(&P.queue, w, pw_link);
+		P.n_queued--;
+	} else if (w->pw_state == PW_DELIVER)
+		TAILQ_REMOVE(&P.deliver, w, pw_link);
+	w->pw_state = PW_DELIVER;
+	w->pw_fail_why = why;
+	if (reason != w->pw_reason)
+		snprintf(w->pw_reason, sizeof(w->pw_reason), "%s", reason);
+	TAILQ_INSERT_TAIL(&P.deliver, w, pw_link);
+	pool_kick();
+}
+
+/* Promise e (ready, clean) to w; granted from pool_tick(). */
+static void
+entry_handoff(struct pool_entry *e, struct pool_waiter *w, bool reused)
+{
+	if (w->pw_entry != NULL && w->pw_entry != e)
+		w->pw_entry->pe_waiter = NULL;	/* its own login: pooled later */
+	e->pe_waiter = w;
+	e->pe_reused = reused;
+	w->pw_entry = e;
+	entry_set_state(e, PE_HANDOFF);
+	if (w->pw_state == PW_QUEUED) {
+		TAILQ_REMOVE(&P.queue, w, pw_link);
+		P.n_queued--;
+	}
+	w->pw_state = PW_DELIVER;
+	TAILQ_INSERT_TAIL(&P.deliver, w, pw_link);
+	pool_kick();
+}
+
+/*
+ * A new login for w failed before ready.  Kept in one place so that
+ * retry.c (backoff, retry classes, server health) can replace it.
+ */
+static void
+pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
+    enum up_fail why, const char *reason)
+{
+	const struct config *cfg = P.cfg;
+	char mb[80];
+	size_t i;
+
+	if (why == UP_FAIL_LOGIN) {
+		for (i = 0; i < cfg->n_transient_login_patterns; i++)
+			if (contains_ci(reason,
+			    cfg->transient_login_patterns[i])) {
+				waiter_fail(w, POOL_FAIL_UNAVAILABLE, reason);
+				return;
+			}
+		waiter_fail(w, POOL_FAIL_AUTH, reason);
+		return;
+	}
+	snprintf(w->pw_reason, sizeof(w->pw_reason), "%s", reason);
+	if (w->pw_next_server < cfg->n_servers) {
+		char rv[300];
+
+		log_info("pool_failover", "entry=%llu mailbox=%s server=%zu "
+		    "next_server=%zu reason=%s", (unsigned long long)e->pe_id,
+		    lv(mb, sizeof(mb), w->pw_mailbox), e->pe_server,
+		    w->pw_next_server, lv(rv, sizeof(rv), reason));
+		return;		/* stays queued; serve opens the next server */
+	}
+	waiter_fail(w, POOL_FAIL_UNAVAILABLE, w->pw_reason);
+}
+
+/* ------------------------------------------------------------ upstream callbacks */
+
+static void
+pool_up_ready_cb(void *arg)
+{
+	struct pool_entry *e = arg;
+	struct pool_waiter *w, *o;
+
+	if (e->pe_state != PE_LOGIN)
+		return;
+	P.logins_ok++;
+	w = e->pe_waiter;
+	if (w == NULL) {
+		/* Its waiter left: the first one queued for this mailbox that
+		 * has nothing on the way (or only a login) takes it. */
+		TAILQ_FOREACH(o, &P.queue, pw_link)
+			if (util_ieq(o->pw_mailbox, e->pe_mailbox) &&
+			    (o->pw_entry == NULL ||
+			    o->pw_entry->pe_state == PE_LOGIN)) {
+				w = o;
+				break;
+			}
+	}
+	if (w != NULL)
+		entry_handoff(e, w, false);
+	else
+		entry_to_idle(e);
+}
+
+static void
+pool_up_failed_cb(void *arg, enum up_fail why, const char *reason)
+{
+	struct pool_entry *e = arg;
+	struct pool_waiter *w = e->pe_waiter;
+
+	if (e->pe_state != PE_LOGIN) {
+		entry_mark_closing(e);
+		return;
+	}
+	P.logins_failed++;
+	entry_mark_closing(e);		/* the upstream closes itself */
+	if (w != NULL)
+		pool_login_failed(w, e, why, reason != NULL ? reason : "");
+}
+
+static void
+pool_up_frame_cb(void *arg, const struct imap_frame *fr,
+    const struct imap_resp *resp, struct evbuffer *in)
+{
+	(void)arg;
+	(void)resp;
+	/* Untagged data on an idle session: nobody wants it. */
+	evbuffer_drain(in, fr->len);
+}
+
+static void
+pool_up_lost_cb(void *arg, const char *reason)
+{
+	struct pool_entry *e = arg;
+	char mb[80], rv[300];
+
+	log_debug("pool_lost", "entry=%llu mailbox=%s state=%s reason=%s",
+	    (unsigned long long)e->pe_id, lv(mb, sizeof(mb), e->pe_mailbox),
+	    pe_state_names[e->pe_state],
+	    lv(rv, sizeof(rv), reason != NULL ? reason : ""));
+	entry_mark_closing(e);
+}
+
+static void
+pool_check_done(void *arg, bool ok)
+{
+	struct pool_entry *e = arg;
+	char mb[80];
+
+	if (e->pe_state != PE_CHECKING)
+		return;
+	if (!ok) {
+		/* Found dead: replaced, not reported. */
+		log_info("pool_dead_session", "entry=%llu mailbox=%s admin=%s",
+		    (unsigned long long)e->pe_id,
+		    lv(mb, sizeof(mb), e->pe_mailbox), e->pe_admin->pa_name);
+		entry_close(e, "dead-on-reuse");
+		return;
+	}
+	if (e->pe_waiter != NULL)
+		entry_handoff(e, e->pe_waiter, true);
+	else
+		entry_to_idle(e);
+}
+
+static void
+pool_reset_done(void *arg, bool ok)
+{
+	struct pool_entry *e = arg;
+
+	if (e->pe_state != PE_RESETTING)
+		return;
+	if (ok)
+		entry_to_idle(e);
+	else
+		entry_close(e, "reset-failed");
+}
+
+/* ------------------------------------------------------------ serving */
+
+enum open_result { OPEN_OK, OPEN_NO_TOKEN, OPEN_NO_ROOM, OPEN_FAILED };
+
+/* Take a pooled session for w: NOOP first, granted when it answers. */
+static bool
+serve_from_idle(struct pool_waiter *w)
+{
+	struct pool_entry *e;
+
+	while ((e = idle_find(w->pw_mailbox)) != NULL) {
+		if (w->pw_entry != NULL)	/* its login goes on for the pool */
+			w->pw_entry->pe_waiter = NULL;
+		entry_set_state(e, PE_CHECKING);
+		e->pe_waiter = w;
+		w->pw_entry = e;
+		if (P.ops->command(e->pe_up, "NOOP", pool_check_done, e) == 0)
+			return true;
+		entry_close(e, "noop-refused");
+	}
+	return false;
+}
+
+static enum open_result
+serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
+{
+	const struct config *cfg = P.cfg;
+	struct pool_admin *best = NULL, *a;
+	struct pool_entry *e;
+	struct upstream *u;
+	uint64_t tok_at = UINT64_MAX;
+	bool room = false;
+	size_t i, j, bi = 0, server;
+	char mb[80];
+
+	if (P.total >= cfg->session_budget || P.n_admins == 0)
+		return OPEN_NO_ROOM;
+	for (i = 0; i < P.n_admins; i++) {
+		j = (P.rr + i) % P.n_admins;
+		a = P.admins[j];
+		if (a->pa_sessions >= a->pa_max)
+			continue;
+		room = true;
+		if (a->pa_tokens_m < 1000) {
+			uint64_t t = admin_token_at(a, now);
+
+			if (t < tok_at)
+				tok_at = t;
+			continue;
+		}
+		if (best == NULL ||
+		    a->pa_max - a->pa_sessions > best->pa_max - best->pa_sessions) {
+			best = a;
+			bi = j;
+		}
+	}
+	if (!room)
+		return OPEN_NO_ROOM;
+	if (best == NULL) {
+		if (tok_at < *next)
+			*next = tok_at;
+		return OPEN_NO_TOKEN;
+	}
+	P.rr = bi + 1;
+	best->pa_tokens_m -= 1000;
+	server = w->pw_next_server < cfg->n_servers ? w->pw_next_server : 0;
+
+	e = xcalloc(1, sizeof(*e));
+	e->pe_id = ++P.next_id;
+	e->pe_admin = best;
+	e->pe_server = server;
+	snprintf(e->pe_mailbox, sizeof(e->pe_mailbox), "%s", w->pw_mailbox);
+	e->pe_mbhash = mb_hash(e->pe_mailbox);
+	e->pe_started_ms = now;
+	e->pe_last_used_ms = now;
+	e->pe_state = PE_LOGIN;
+	TAILQ_INSERT_TAIL(&P.lists[PE_LOGIN], e, pe_link);
+	P.counts[PE_LOGIN]++;
+	/* The slot is taken from here until on_free. */
+	best->pa_sessions++;
+	P.total++;
+	e->pe_waiter = w;
+	w->pw_entry = e;
+	w->pw_next_server = server + 1;
+
+	u = P.ops->open(cfg, best->pa_index, server, e->pe_mailbox,
+	    &pool_up_cbs, e, entry_free_cb, e);
+	if (u == NULL) {
+		TAILQ_REMOVE(&P.lists[PE_LOGIN], e, pe_link);
+		P.counts[PE_LOGIN]--;
+		best->pa_sessions--;
+		P.total--;
+		w->pw_entry = NULL;
+		free(e);
+		P.logins_failed++;
+		waiter_fail(w, POOL_FAIL_UNAVAILABLE,
+		    "cannot start an upstream session");
+		return OPEN_FAILED;
+	}
+	e->pe_up = u;
+	LIST_INSERT_HEAD(&P.by_up[up_hash(u)], e, pe_uplink);
+	log_info("pool_login", "entry=%llu mailbox=%s admin=%s server=%s:%s "
+	    "sessions=%u budget=%u admin_sessions=%u admin_max=%u",
+	    (unsigned long long)e->pe_id, lv(mb, sizeof(mb), e->pe_mailbox),
+	    best->pa_name, cfg->servers[server].host, cfg->servers[server].port,
+	    P.total, cfg->session_budget, best->pa_sessions, best->pa_max);
+	return OPEN_OK;
+}
+
+/* Close the least recently used idle session of another mailbox. */
+static bool
+serve_evict(const struct pool_waiter *w)
+{
+	struct pool_entry *e;
+	char mb[80], mb2[80];
+
+	TAILQ_FOREACH(e, &P.lists[PE_IDLE], pe_link)
+		if (!util_ieq(e->pe_mailbox, w->pw_mailbox))
+			break;
+	if (e == NULL)
+		return false;
+	log_info("pool_evict", "entry=%llu mailbox=%s admin=%s idle_ms=%llu "
+	    "for=%s", (unsigned long long)e->pe_id,
+	    lv(mb, sizeof(mb), e->pe_mailbox), e->pe_admin->pa_name,
+	    (unsigned long long)(pool_now() - e->pe_last_used_ms),
+	    lv(mb2, sizeof(mb2), w->pw_mailbox));
+	entry_close(e, "evicted");
+	return true;
+}
+
+/*
+ * Serve the queue in order: a pooled session of the waiter's mailbox, else
+ * a new login (strictly FIFO: none for a later waiter while an earlier one
+ * waits for one), else make room by closing an idle session of another
+ * mailbox (one per waiter not already covered by a slot being freed).
+ */
+static void
+serve_queue(uint64_t now, uint64_t *next)
+{
+	struct pool_waiter *w, *wn;
+	unsigned pending = P.counts[PE_CLOSING];
+	bool blocked = false, no_room = false;
+
+	TAILQ_FOREACH_SAFE(w, &P.queue, pw_link, wn) {
+		/* A waiter whose login is under way still takes a pooled
+		 * session of its mailbox that turns up first. */
+		if (w->pw_entry != NULL && w->pw_entry->pe_state != PE_LOGIN)
+			continue;
+		if (serve_from_idle(w) || w->pw_entry != NULL)
+			continue;
+		if (!blocked) {
+			enum open_result r = serve_open(w, now, next);
+
+			if (r == OPEN_OK || r == OPEN_FAILED)
+				continue;
+			blocked = true;
+			no_room = r == OPEN_NO_ROOM;
+		}
+		if (no_room) {
+			if (pending > 0)
+				pending--;
+			else
+				(void)serve_evict(w);
+		}
+	}
+}
+
+/* Retire idle sessions past reuse_timeout (before Exchange's autologout). */
+static void
+retire_idle(uint64_t now, uint64_t *next)
+{
+	struct pool_entry *e;
+	char mb[80];
+
+	while ((e = TAILQ_FIRST(&P.lists[PE_IDLE])) != NULL) {
+		uint64_t at = e->pe_last_used_ms + P.cfg->reuse_timeout_ms;
+
+		if (now < at) {
+			if (at < *next)
+				*next = at;
+			break;
+		}
+		log_info("pool_idle_retire", "entry=%llu mailbox=%s admin=%s "
+		    "idle_ms=%llu", (unsigned long long)e->pe_id,
+		    lv(mb, sizeof(mb), e->pe_mailbox), e->pe_admin->pa_name,
+		    (unsigned long long)(now - e->pe_last_used_ms));
+		entry_close(e, "idle-timeout");
+	}
+}
+
+/* After a reload lowered a budget: close idle sessions (LRU first) until
+ * the sessions not already closing fit again. */
+static void
+trim_over_budget(void)
+{
+	struct pool_entry *e, *en;
+	unsigned live = P.total - P.counts[PE_CLOSING];
+
+	TAILQ_FOREACH_SAFE(e, &P.lists[PE_IDLE], pe_link, en) {
+		struct pool_admin *a = e->pe_admin;
+
+		if (live > P.cfg->session_budget ||
+		    a->pa_sessions - a->pa_closing > a->pa_max) {
+			entry_close(e, "over-budget");
+			live--;
+		}
+	}
+}
+
+static void
+expire_waiters(uint64_t now, uint64_t *next)
+{
+	struct pool_waiter *w, *wn;
+	char mb[80];
+
+	TAILQ_FOREACH_SAFE(w, &P.queue, pw_link, wn) {
+		if (now < w->pw_deadline_ms) {
+			if (w->pw_deadline_ms < *next)
+				*next = w->pw_deadline_ms;
+			continue;
+		}
+		P.queue_timeouts++;
+		log_info("pool_queue_timeout", "mailbox=%s wait_ms=%llu "
+		    "sessions=%u budget=%u", lv(mb, sizeof(mb), w->pw_mailbox),
+		    (unsigned long long)(now - w->pw_since_ms), P.total,
+		    P.cfg->session_budget);
+		waiter_fail(w, POOL_FAIL_TIMEOUT, "no upstream session became "
+		    "available within queue_timeout");
+	}
+}
+
+/* Call the waiters back whose result is decided. */
+static void
+deliver(void)
+{
+	struct pool_waiter *w;
+	char mb[80];
+
+	while ((w = TAILQ_FIRST(&P.deliver)) != NULL) {
+		struct pool_entry *e = w->pw_entry;
+		uint64_t waited = pool_now() - w->pw_since_ms;
+
+		TAILQ_REMOVE(&P.deliver, w, pw_link);
+		w->pw_state = PW_NONE;
+		w->pw_queued = false;
+		if (e != NULL) {
+			w->pw_entry = NULL;
+			e->pe_waiter = NULL;
+			entry_set_state(e, PE_LEASED);
+			if (e->pe_reused)
+				P.reuses++;
+			log_info("pool_grant", "entry=%llu mailbox=%s admin=%s "
+			    "reused=%s wait_ms=%llu",
+			    (unsigned long long)e->pe_id,
+			    lv(mb, sizeof(mb), e->pe_mailbox),
+			    e->pe_admin->pa_name, e->pe_reused ? "yes" : "no",
+			    (unsigned long long)waited);
+			w->pw_granted(w, e->pe_up);
+		} else {
+			char rv[300];
+
+			log_info("pool_fail", "mailbox=%s why=%s wait_ms=%llu "
+			    "reason=%s", lv(mb, sizeof(mb), w->pw_mailbox),
+			    pool_fail_names[w->pw_fail_why],
+			    (unsigned long long)waited,
+			    lv(rv, sizeof(rv), w->pw_reason));
+			w->pw_failed(w, w->pw_fail_why, w->pw_reason);
+		}
+	}
+}
+
+void
+pool_tick(void)
+{
+	uint64_t now, next = UINT64_MAX;
+	size_t i;
+
+	if (!P.init || P.shut)
+		return;
+	if (P.in_tick) {
+		P.rerun = true;
+		return;
+	}
+	P.in_tick = true;
+	P.sched_at = UINT64_MAX;	/* the timer fired (or is superseded) */
+	now = pool_now();
+	for (i = 0; i < P.n_admins; i++)
+		admin_refill(P.admins[i], now);
+	retire_idle(now, &next);
+	trim_over_budget();
+	expire_waiters(now, &next);
+	serve_queue(now, &next);
+	/* Only what the callbacks do needs another round. */
+	P.rerun = false;
+	deliver();
+	P.in_tick = false;
+	if (P.shut)
+		return;
+	if (P.rerun)
+		next = pool_now();
+	P.sched_at = next;
+	P.ops->schedule(next);
+}
+
+/* ------------------------------------------------------------ public API */
+
+static void
+pool_build_admins(const struct config *cfg)
+{
+	struct pool_admin **na = xcalloc(cfg->n_admins + 1, sizeof(*na));
+	uint64_t now = pool_now();
+	size_t i, j;
+
+	for (i = 0; i < cfg->n_admins; i++) {
+		for (j = 0; j < P.n_admins; j++)
+			if (P.admins[j] != NULL &&
+			    util_ieq(P.admins[j]->pa_name, cfg->admins[i].name))
+				break;
+		if (j < P.n_admins) {
+			na[i] = P.admins[j];
+			P.admins[j] = NULL;
+			na[i]->pa_index = i;
+			na[i]->pa_max = cfg->admins[i].max_sessions;
+		} else
+			na[i] = admin_new(&cfg->admins[i], i, now);
+	}
+	for (j = 0; j < P.n_admins; j++)
+		if (P.admins[j] != NULL)
+			admin_retire(P.admins[j]);
+	free(P.admins);
+	P.admins = na;
+	P.n_admins = cfg->n_admins;
+	if (P.rr >= P.n_admins)
+		P.rr = 0;
+}
+
+void
+pool_init(const struct config *cfg, const struct pool_ops *ops)
+{
+	size_t i;
+
+	if (P.total != 0)
+		log_warn("pool_init", "reason=\"sessions of a previous pool "
+		    "still open\" sessions=%u", P.total);
+	memset(&P, 0, sizeof(P));
+	P.cfg = cfg;
+	P.ops = ops;
+	P.sched_at = UINT64_MAX;
+	TAILQ_INIT(&P.retired);
+	for (i = 0; i < PE_COUNT; i++)
+		TAILQ_INIT(&P.lists[i]);
+	for (i = 0; i < POOL_MB_BUCKETS; i++)
+		TAILQ_INIT(&P.idle_mb[i]);
+	for (i = 0; i < POOL_UP_BUCKETS; i++)
+		LIST_INIT(&P.by_up[i]);
+	TAILQ_INIT(&P.queue);
+	TAILQ_INIT(&P.deliver);
+	P.init = true;
+	pool_build_admins(cfg);
+}
+
+void
+pool_set_config(const struct config *cfg)
+{
+	struct pool_entry *e, *en;
+	uint64_t cap;
+	size_t i;
+
+	if (!P.init || P.shut)
+		return;
+	P.cfg = cfg;
+	pool_build_admins(cfg);
+	cap = (uint64_t)admin_burst() * 1000;
+	for (i = 0; i < P.n_admins; i++)
+		if (P.admins[i]->pa_tokens_m > cap)
+			P.admins[i]->pa_tokens_m = cap;
+	/* Idle sessions of removed admins close now; leased ones at release,
+	 * logins in progress when ready (unless a waiter takes them). */
+	TAILQ_FOREACH_SAFE(e, &P.lists[PE_IDLE], pe_link, en)
+		if (e->pe_admin->pa_removed)
+			entry_close(e, "admin-removed");
+	log_info("pool_reload", "budget=%u admins=%zu sessions=%u waiters=%u",
+	    cfg->session_budget, cfg->n_admins, P.total, P.n_queued);
+	/* New budgets apply at the next tick: trim, then serve. */
+	pool_kick();
+}
+
+void
+pool_shutdown(void)
+{
+	struct pool_waiter *w;
+	struct pool_entry *e, *en;
+	size_t i;
+
+	if (!P.init || P.shut)
+		return;
+	/* Waiters are dropped: their clients are closing too. */
+	while ((w = TAILQ_FIRST(&P.queue)) != NULL) {
+		TAILQ_REMOVE(&P.queue, w, pw_link);
+		w->pw_state = PW_NONE;
+		w->pw_queued = false;
+		if (w->pw_entry != NULL)
+			w->pw_entry->pe_waiter = NULL;
+		w->pw_entry = NULL;
+	}
+	P.n_queued = 0;
+	while ((w = TAILQ_FIRST(&P.deliver)) != NULL) {
+		TAILQ_REMOVE(&P.deliver, w, pw_link);
+		w->pw_state = PW_NONE;
+		w->pw_queued = false;
+		if (w->pw_entry != NULL)
+			w->pw_entry->pe_waiter = NULL;
+		w->pw_entry = NULL;
+	}
+	P.shut = true;
+	for (i = 0; i < PE_COUNT; i++) {
+		if (i == PE_CLOSING || i == PE_LEASED)
+			continue;
+		TAILQ_FOREACH_SAFE(e, &P.lists[i], pe_link, en)
+			entry_close(e, "shutdown");
+	}
+	/* Leased sessions belong to their clients until released. */
+	for (i = 0; i < P.n_admins; i++)
+		admin_retire(P.admins[i]);
+	free(P.admins);
+	P.admins = NULL;
+	P.n_admins = 0;
+	P.ops->schedule(UINT64_MAX);
+	P.sched_at = UINT64_MAX;
+	if (P.ops == &pool_default_ops && D.timer != NULL) {
+		event_free(D.timer);
+		D.timer = NULL;
+	}
+	log_info("pool_shutdown", "sessions=%u", P.total);
+}
+
+void
+pool_acquire(struct pool_waiter *w)
+{
+	uint64_t now;
+
+	if (!P.init || P.shut || w->pw_state != PW_NONE)
+		return;
+	now = pool_now();
+	w->pw_since_ms = now;
+	w->pw_deadline_ms = now + P.cfg->queue_timeout_ms;
+	w->pw_entry = NULL;
+	w->pw_next_server = 0;
+	w->pw_reason[0] = '\0';
+	w->pw_state = PW_QUEUED;
+	w->pw_queued = true;
+	TAILQ_INSERT_TAIL(&P.queue, w, pw_link);
+	P.n_queued++;
+	pool_kick();
+}
+
+void
+pool_cancel(struct pool_waiter *w)
+{
+	struct pool_entry *e = w->pw_entry;
+
+	if (w->pw_state == PW_NONE)
+		return;
+	if (w->pw_state == PW_QUEUED) {
+		TAILQ_REMOVE(&P.queue, w, pw_link);
+		P.n_queued--;
+	} else
+		TAILQ_REMOVE(&P.deliver, w, pw_link);
+	w->pw_state = PW_NONE;
+	w->pw_queued = false;
+	w->pw_entry = NULL;
+	if (e != NULL) {
+		/* A login or check goes on for the pool. */
+		e->pe_waiter = NULL;
+		if (e->pe_state == PE_HANDOFF)
+			entry_to_idle(e);
+	}
+	pool_kick();
+}
+
+void
+pool_release(struct upstream *u, enum pool_release how)
+{
+	struct pool_entry *e = entry_lookup(u);
+	const char *reason = NULL;
+	unsigned failed, bad = 0;
+
+	if (e == NULL || e->pe_state != PE_LEASED) {
+		log_warn("pool_release", "reason=\"not a leased session\" "
+		    "state=%s", e != NULL ? pe_state_names[e->pe_state] : "none");
+		return;
+	}
+	P.ops->set_lessee(u, &pool_up_cbs, e);
+	failed = P.ops->failed_responses(u, &bad);
+	if (how == POOL_RELEASE_DIRTY)
+		reason = "dirty-return";
+	else if (P.shut)
+		reason = "shutdown";
+	else if (e->pe_admin->pa_removed)
+		reason = "admin-removed";
+	else if (failed >= POOL_RETIRE_FAILED || bad >= POOL_RETIRE_BAD)
+		reason = "retire-counters";
+	if (reason != NULL) {
+		log_debug("pool_release", "entry=%llu how=close reason=%s "
+		    "failed=%u bad=%u", (unsigned long long)e->pe_id, reason,
+		    failed, bad);
+		entry_close(e, reason);
+		return;
+	}
+	if (how == POOL_RELEASE_SELECTED) {
+		/* Never CLOSE: it would expunge messages marked \Deleted. */
+		const char *cmd = P.ops->has_cap(u, "UNSELECT") ? "UNSELECT" :
+		    "EXAMINE INBOX";
+
+		entry_set_state(e, PE_RESETTING);
+		if (P.ops->command(u, cmd, pool_reset_done, e) != 0)
+			entry_close(e, "reset-failed");
+		return;
+	}
+	entry_to_idle(e);
+}
+
+void
+pool_forget(struct upstream *u)
+{
+	struct pool_entry *e = entry_lookup(u);
+
+	if (e == NULL)
+		return;
+	/* The upstream is closing by itself; the slot ends at on_free. */
+	entry_mark_closing(e);
+}
+
+void
+pool_get_stats(struct pool_stats *st)
+{
+	memset(st, 0, sizeof(*st));
+	if (!P.init)
+		return;
+	st->sessions = P.total;
+	st->connecting = P.counts[PE_LOGIN];
+	st->idle = P.counts[PE_IDLE];
+	st->leased = P.counts[PE_LEASED] + P.counts[PE_HANDOFF];
+	st->waiters = P.n_queued;
+	st->reuses = P.reuses;
+	st->logins_ok = P.logins_ok;
+	st->logins_failed = P.logins_failed;
+	st->queue_timeouts = P.queue_timeouts;
+	if (!TAILQ_EMPTY(&P.queue))
+		st->oldest_wait_ms = pool_now() -
+		    TAILQ_FIRST(&P.queue)->pw_since_ms;
+}
+
+unsigned
+pool_admin_sessions(size_t admin)
+{
+	return admin < P.n_admins ? P.admins[admin]->pa_sessions : 0;
+}
+
+/* ------------------------------------------------------------ default ops */
+
+
+static void
+def_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	(void)arg;
+	pool_tick();
+}
+
+void
+pool_default_env(struct event_base *base, struct evdns_base *dns,
+    SSL_CTX *upstream_ctx)
+{
+	if (D.timer != NULL && base != D.base) {
+		event_free(D.timer);
+		D.timer = NULL;
+	}
+	D.base = base;
+	D.dns = dns;
+	D.ctx = upstream_ctx;
+	if (D.timer == NULL && base != NULL) {
+		D.timer = evtimer_new(base, def_timer_cb, NULL);
+		if (D.timer == NULL)
+			log_fatal("pool_default_env", "reason=out-of-memory");
+	}
+}
+
+static void
+def_schedule(uint64_t at_ms)
+{
+	struct timeval tv;
+	uint64_t now, delay;
+
+	if (D.timer == NULL)
+		return;
+	if (at_ms == UINT64_MAX) {
+		evtimer_del(D.timer);
+		return;
+	}
+	now = util_now_ms();
+	delay = at_ms > now ? at_ms - now : 0;
+	tv.tv_sec = (time_t)(delay / 1000);
+	tv.tv_usec = (suseconds_t)(delay % 1000) * 1000;
+	evtimer_add(D.timer, &tv);
+}
+
+static struct upstream *
+def_open(const struct config *cfg, size_t admin, size_t server,
+    const char *mailbox, const struct upstream_cbs *cbs, void *arg,
+    void (*on_free)(void *), void *free_arg)
+{
+	const struct addr_endpoint *ep = &cfg->servers[server];
+	struct upstream_params p;
+	char user[2 * IMAPSHIM_NAME_MAX + IMAPSHIM_MAILBOX_MAX + 512];
+
+	/* TODO: the client's {domain} is not passed down; cfg->domain is
+	 * used (empty when unset). */
+	if (auth_format_login(cfg->login_format,
+	    cfg->domain != NULL ? cfg->domain : "", cfg->admins[admin].name,
+	    mailbox, user, sizeof(user)) < 0) {
+		log_warn("pool_open", "reason=\"login name too long\" admin=%s",
+		    cfg->admins[admin].name);
+		return NULL;
+	}
+	memset(&p, 0, sizeof(p));
+	p.host = ep->host;
+	p.port = ep->port;
+	p.tls = cfg->up_tls;
+	p.ssl_ctx = cfg->up_tls == CFG_TLS_NONE ? NULL : D.ctx;
+	p.tls_name = cfg->tls_server_name != NULL ? cfg->tls_server_name :
+	    ep->host;
+	p.tls_verify = cfg->tls_verify;
+	p.login_user = user;
+	p.password = cfg->admins[admin].password;
+	p.connect_timeout_ms = cfg->connect_timeout_ms;
+	p.login_timeout_ms = cfg->login_timeout_ms;
+	p.on_free = on_free;
+	p.free_arg = free_arg;
+	return upstream_new(D.base, D.dns, &p, cbs, arg);
+}
+
+const struct pool_ops pool_default_ops = {
+	.now_ms = util_now_ms,
+	.open = def_open,
+	.close = upstream_close,
+	.set_lessee = upstream_set_lessee,
+	.command = upstream_command,
+	.has_cap = upstream_has_cap,
+	.failed_responses = upstream_failed_responses,
+	.schedule = def_schedule,
+};

@@ -1,0 +1,145 @@
+/*
+ * pool.h - the bounded pool of upstream sessions.
+ *
+ * Owns the budget: every upstream session counts, from the moment its
+ * connect starts until it is freed, against the global session_budget and
+ * against its admin account's max_sessions; nothing else changes those
+ * counters.  Also owns the choice of admin account for a new login (most
+ * free capacity, not rate-limited, ties round-robin), the idle sessions
+ * kept logged in per mailbox (LRU, retired after reuse_timeout or before
+ * Exchange's failure counters run out), the FIFO queue of waiters, and the
+ * login pacing (a token bucket of login_rate/login_burst per admin).
+ *
+ * A client asks for a session for its mailbox with pool_acquire(); the pool
+ * answers later, never from inside pool_acquire(), through the waiter's
+ * granted or failed callback.  The granted session is leased: the client
+ * installs its own upstream callbacks and gives it back with pool_release().
+ *
+ * The pool reaches sockets only through struct pool_ops, so unit tests run
+ * it with fake upstreams and a fake clock.
+ */
+#ifndef POOL_H
+#define POOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/queue.h>
+
+#include "imapshim.h"
+#include "upstream.h"
+
+struct config;
+struct event_base;
+struct evdns_base;
+
+enum pool_fail {
+	POOL_FAIL_TIMEOUT,	/* queue_timeout passed: "NO [UNAVAILABLE]" */
+	POOL_FAIL_UNAVAILABLE,	/* every server failed: "NO [UNAVAILABLE]" */
+	POOL_FAIL_AUTH,		/* Exchange refused this mailbox: "NO [AUTHENTICATIONFAILED]" */
+	POOL_FAIL_COUNT
+};
+
+enum pool_release {
+	POOL_RELEASE_CLEAN,	/* at a boundary, nothing selected: keep as is */
+	POOL_RELEASE_SELECTED,	/* at a boundary, a mailbox selected: reset first */
+	POOL_RELEASE_DIRTY,	/* mid-command, IDLE, literal: close it */
+};
+
+struct pool_waiter;
+typedef void (*pool_granted_cb)(struct pool_waiter *w, struct upstream *u);
+typedef void (*pool_failed_cb)(struct pool_waiter *w, enum pool_fail why,
+    const char *reason);
+
+/* Embedded in the client; the caller fills the first four fields. */
+struct pool_waiter {
+	char pw_mailbox[IMAPSHIM_MAILBOX_MAX + 1];
+	pool_granted_cb pw_granted;
+	pool_failed_cb pw_failed;
+	void *pw_arg;
+	/* private to pool.c */
+	bool pw_queued;
+	uint64_t pw_since_ms;
+	uint64_t pw_deadline_ms;
+	struct pool_entry *pw_entry;	/* a login started for this waiter */
+	TAILQ_ENTRY(pool_waiter) pw_link;
+	int pw_state;			/* idle, queued, or result pending */
+	size_t pw_next_server;		/* failover: next index into servers */
+	enum pool_fail pw_fail_why;	/* result pending: the failure */
+	char pw_reason[256];		/* its reason (last server failure) */
+};
+
+/*
+ * What the pool needs from the outside world.  Production uses
+ * pool_default_ops (upstream.c and libevent); tests pass fakes.
+ */
+struct pool_ops {
+	uint64_t (*now_ms)(void);
+	/* Start a login as admin (index into cfg->admins) for mailbox on
+	 * server (index into cfg->servers); report through cbs/arg exactly
+	 * like upstream_new().  on_free(free_arg) must be called once when
+	 * the session is finally freed (upstream_params.on_free): the budget
+	 * slot ends there.  Never calls back from inside open().  NULL:
+	 * could not start (no on_free follows). */
+	struct upstream *(*open)(const struct config *cfg, size_t admin,
+	    size_t server, const char *mailbox, const struct upstream_cbs *cbs,
+	    void *arg, void (*on_free)(void *), void *free_arg);
+	void (*close)(struct upstream *u, const char *reason);
+	void (*set_lessee)(struct upstream *u, const struct upstream_cbs *cbs,
+	    void *arg);
+	/* Internal command on an unleased session; done(arg, ok) later. */
+	int (*command)(struct upstream *u, const char *cmd,
+	    void (*done)(void *arg, bool ok), void *arg);
+	bool (*has_cap)(const struct upstream *u, const char *cap);
+	/* Tagged NO+BAD so far; *bad_r gets the BADs alone. */
+	unsigned (*failed_responses)(const struct upstream *u, unsigned *bad_r);
+	/* Run pool_tick() at or after at_ms (one timer; later calls replace
+	 * it; UINT64_MAX cancels it). */
+	void (*schedule)(uint64_t at_ms);
+};
+
+extern const struct pool_ops pool_default_ops;
+/* What pool_default_ops needs to open sessions; upstream_ctx is replaced
+ * on reload. */
+void pool_default_env(struct event_base *base, struct evdns_base *dns,
+    SSL_CTX *upstream_ctx);
+
+/* cfg may be replaced later by pool_set_config (reload). */
+void pool_init(const struct config *cfg, const struct pool_ops *ops);
+void pool_set_config(const struct config *cfg);
+/* Drop the waiters (no callbacks), close every session not leased (a leased
+ * one closes at its release), stop the timer (pool_default_ops: freed, so
+ * call this before event_base_free).  Entries live until their on_free, so
+ * upstream_free_all() may run after this. */
+void pool_shutdown(void);
+
+/* Queue w for a session of w->pw_mailbox.  Never calls back synchronously. */
+void pool_acquire(struct pool_waiter *w);
+/* Forget a queued waiter (client gone); a login started for it is kept
+ * for the pool if it succeeds. */
+void pool_cancel(struct pool_waiter *w);
+/* Give a leased session back. */
+void pool_release(struct upstream *u, enum pool_release how);
+/* A leased session died; the lessee saw "lost".  The pool forgets it. */
+void pool_forget(struct upstream *u);
+
+/* Timers: queue timeouts, idle retirement, token refill. */
+void pool_tick(void);
+
+/* Counters for status and tests. */
+struct pool_stats {
+	unsigned sessions;		/* all upstream sessions, any state */
+	unsigned connecting;		/* connect, TLS, login */
+	unsigned idle;			/* in the pool */
+	unsigned leased;
+	unsigned waiters;
+	uint64_t reuses;		/* grants served by a pooled session */
+	uint64_t logins_ok, logins_failed;
+	uint64_t queue_timeouts;
+	uint64_t oldest_wait_ms;
+};
+void pool_get_stats(struct pool_stats *st);
+/* Sessions of one admin account (index into cfg->admins). */
+unsigned pool_admin_sessions(size_t admin);
+
+#endif

@@ -20,6 +20,7 @@
 #include "imap_parse.h"
 #include "imapshim.h"
 #include "log.h"
+#include "pool.h"
 #include "reap.h"
 #include "relay.h"
 #include "tls.h"
@@ -72,6 +73,7 @@ struct cl_pend {
 	bool relayed;		/* sent upstream; done when its tagged reply is */
 	bool done;
 	bool logout;		/* close the session once this reply is out */
+	int8_t selects;		/* OK selects (1) or deselects (-1) a mailbox */
 	char *reply;		/* local reply, or a replacement for the upstream's */
 };
 
@@ -94,8 +96,8 @@ struct client {
 	bool cl_auth_ok;		/* the delayed answer is a success */
 	struct auth_name cl_name;
 	char cl_admin[IMAPSHIM_NAME_MAX + 1];	/* configured spelling */
-	size_t cl_server;		/* index of the server being tried */
-	char cl_last_failure[512];
+	struct pool_waiter cl_waiter;	/* asking the pool for a session */
+	bool cl_waiting;
 
 	/* after login */
 	struct upstream *cl_up;
@@ -108,6 +110,7 @@ struct client {
 	bool cl_read_blocked;		/* upstream output full or too many pending */
 	bool cl_logout;			/* LOGOUT read: nothing after it is */
 	unsigned cl_inflight;		/* relayed commands without their reply */
+	bool cl_selected;		/* a mailbox is selected upstream */
 
 	uint64_t cl_started_ms;
 	uint64_t cl_bytes_in, cl_bytes_out;
@@ -142,7 +145,7 @@ static void cl_read_cb(struct bufferevent *bev, void *arg);
 static void cl_write_cb(struct bufferevent *bev, void *arg);
 static void cl_event_cb(struct bufferevent *bev, short what, void *arg);
 static void cl_close(struct client *c, const char *reason, const char *bye);
-static void cl_try_upstream(struct client *c);
+static void cl_ask_pool(struct client *c);
 
 /* Extensions of the upstream that imapshim relays faithfully: they change
  * neither framing nor session state that imapshim must track. */
@@ -432,16 +435,28 @@ cl_release_upstream(struct client *c)
 {
 	struct upstream *u = c->cl_up;
 
+	if (c->cl_waiting) {
+		pool_cancel(&c->cl_waiter);
+		c->cl_waiting = false;
+	}
 	if (u == NULL)
 		return;
 	c->cl_up = NULL;
+	upstream_set_lessee(u, NULL, NULL);
 	if (c->cl_cur != CL_CUR_NONE || !imap_framer_at_boundary(&c->cl_framer)) {
+		/* Half a command went upstream: no LOGOUT can follow it. */
 		upstream_abort(u, "client-gone-mid-command");
+		pool_forget(u);
 		return;
 	}
-	if (c->cl_in_idle)
-		evbuffer_add(upstream_output(u), "DONE\r\n", 6);
-	upstream_close(u, "client-closed");
+	if (c->cl_in_idle || c->cl_inflight > 0) {
+		if (c->cl_in_idle)
+			evbuffer_add(upstream_output(u), "DONE\r\n", 6);
+		pool_release(u, POOL_RELEASE_DIRTY);
+		return;
+	}
+	pool_release(u, c->cl_selected ? POOL_RELEASE_SELECTED :
+	    POOL_RELEASE_CLEAN);
 }
 
 static void
@@ -575,9 +590,7 @@ cl_check_credentials(struct client *c, const char *user, size_t userlen,
 	cl_set_state(c, CL_S_LOGGING_IN);
 	bufferevent_disable(c->cl_bev, EV_READ);
 	evtimer_del(c->cl_timer);
-	c->cl_server = 0;
-	c->cl_last_failure[0] = '\0';
-	cl_try_upstream(c);
+	cl_ask_pool(c);
 }
 
 static bool
@@ -851,7 +864,6 @@ cl_preauth_frame(struct client *c, const struct imap_frame *fr,
 /* ------------------------------------------------------------ upstream */
 
 static void cl_up_ready(void *arg);
-static void cl_up_failed(void *arg, enum up_fail why, const char *reason);
 static void cl_up_frame(void *arg, const struct imap_frame *fr,
     const struct imap_resp *resp, struct evbuffer *in);
 static void cl_up_lost(void *arg, const char *reason);
@@ -860,95 +872,65 @@ static void cl_unblock(struct client *c);
 
 static const struct upstream_cbs cl_up_cbs = {
 	.ready = cl_up_ready,
-	.failed = cl_up_failed,
 	.frame = cl_up_frame,
 	.lost = cl_up_lost,
 	.writable = cl_up_writable,
 };
 
-/* True when a tagged NO to LOGIN means "try again later" (DESIGN 3.5). */
-static bool
-cl_login_transient(const char *text)
+static void
+cl_pool_granted(struct pool_waiter *w, struct upstream *u)
 {
-	const struct config *cfg = cl_cfg();
-	size_t i;
+	struct client *c = w->pw_arg;
 
-	for (i = 0; i < cfg->n_transient_login_patterns; i++)
-		if (strcasestr(text, cfg->transient_login_patterns[i]) != NULL)
-			return true;
-	return false;
+	c->cl_waiting = false;
+	c->cl_up = u;
+	upstream_set_lessee(u, &cl_up_cbs, c);
+	cl_up_ready(c);
 }
 
 static void
-cl_try_upstream(struct client *c)
+cl_pool_failed(struct pool_waiter *w, enum pool_fail why, const char *reason)
 {
-	const struct config *cfg = cl_cfg();
-	const struct config_admin *admin;
-	const struct addr_endpoint *ep;
-	struct upstream_params p;
-	char user[IMAPSHIM_NAME_MAX * 3 + 8];
+	struct client *c = w->pw_arg;
+	char msg[700];
 
-	admin = config_find_admin(cfg, c->cl_admin, strlen(c->cl_admin));
-	if (admin == NULL || c->cl_server >= cfg->n_servers) {
-		c->cl_auth_ok = false;
-		cl_auth_answer(c, "NO [UNAVAILABLE] No Exchange server is "
-		    "reachable; try again later.");
+	c->cl_waiting = false;
+	switch (why) {
+	case POOL_FAIL_AUTH:
+		cl_auth_answer(c, "NO [AUTHENTICATIONFAILED] Exchange refused "
+		    "the login for this mailbox.");
 		return;
-	}
-	if (auth_format_login(cfg->login_format,
-	    cfg->domain != NULL ? cfg->domain : c->cl_name.domain, admin->name,
-	    c->cl_name.mailbox, user, sizeof(user)) < 0) {
-		cl_auth_answer(c, "NO [AUTHENTICATIONFAILED] Authentication failed.");
+	case POOL_FAIL_TIMEOUT:
+		cl_auth_answer(c, "NO [UNAVAILABLE] All Exchange sessions are "
+		    "busy (queue_timeout); try again later.");
 		return;
-	}
-	ep = &cfg->servers[c->cl_server];
-	memset(&p, 0, sizeof(p));
-	p.host = ep->host;
-	p.port = ep->port;
-	p.tls = cfg->up_tls;
-	p.ssl_ctx = cl_env->upstream_ctx;
-	p.tls_name = cfg->tls_server_name != NULL ? cfg->tls_server_name : ep->host;
-	p.tls_verify = cfg->tls_verify;
-	p.login_user = user;
-	p.password = admin->password;
-	p.connect_timeout_ms = cfg->connect_timeout_ms;
-	p.login_timeout_ms = cfg->login_timeout_ms;
-	c->cl_up = upstream_new(cl_env->base, cl_env->dns, &p, &cl_up_cbs, c);
-}
-
-static void
-cl_up_failed(void *arg, enum up_fail why, const char *reason)
-{
-	struct client *c = arg;
-
-	c->cl_up = NULL;
-	snprintf(c->cl_last_failure, sizeof(c->cl_last_failure), "%s", reason);
-	if (why == UP_FAIL_LOGIN) {
-		if (cl_login_transient(reason))
-			cl_auth_answer(c, "NO [UNAVAILABLE] Exchange refused the "
-			    "login for now; try again later.");
-		else
-			cl_auth_answer(c, "NO [AUTHENTICATIONFAILED] Exchange "
-			    "refused the login for this mailbox.");
-		return;
-	}
-	/* Server failures: the next server in the list. */
-	if (++c->cl_server < cl_cfg()->n_servers) {
-		cl_try_upstream(c);
-		return;
-	}
-	{
-		char msg[700];
-
+	default:
 		snprintf(msg, sizeof(msg), "NO [UNAVAILABLE] Exchange is not "
-		    "reachable (%s: %s); try again later.", upstream_fail_name(why),
-		    c->cl_last_failure);
+		    "reachable (%s); try again later.", reason);
 		/* The reason is ours or OpenSSL's text: keep it one line. */
 		for (char *q = msg; *q; q++)
 			if (*q == '\r' || *q == '\n')
 				*q = ' ';
 		cl_auth_answer(c, msg);
+		return;
 	}
+}
+
+/* Credentials are good: wait for an upstream session of this mailbox. */
+static void
+cl_ask_pool(struct client *c)
+{
+	struct pool_waiter *w = &c->cl_waiter;
+
+	memset(w, 0, sizeof(*w));
+	snprintf(w->pw_mailbox, sizeof(w->pw_mailbox), "%s", c->cl_name.mailbox);
+	snprintf(w->pw_domain, sizeof(w->pw_domain), "%s",
+	    cl_cfg()->domain != NULL ? "" : c->cl_name.domain);
+	w->pw_granted = cl_pool_granted;
+	w->pw_failed = cl_pool_failed;
+	w->pw_arg = c;
+	c->cl_waiting = true;
+	pool_acquire(w);
 }
 
 static void
@@ -975,6 +957,7 @@ cl_up_lost(void *arg, const char *reason)
 	struct client *c = arg;
 	char bye[300];
 
+	pool_forget(c->cl_up);
 	c->cl_up = NULL;
 	snprintf(bye, sizeof(bye), "Connection to Exchange lost: %s.", reason);
 	cl_close(c, "upstream-lost", bye);
@@ -1044,6 +1027,11 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 	c->cl_bytes_out += fr->len;
 	evbuffer_remove_buffer(in, out, fr->len);
 	if (p != NULL) {
+		/* A failed SELECT leaves no mailbox selected (RFC 3501 6.3.1). */
+		if (p->selects > 0)
+			c->cl_selected = resp->status == IMAP_ST_OK;
+		else if (p->selects < 0 && resp->status == IMAP_ST_OK)
+			c->cl_selected = false;
 		p->done = true;
 		c->cl_inflight--;
 		cl_pend_flush(c);
@@ -1170,6 +1158,10 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 	c->cl_cur_pend = cl_pend_push(c, tag.p, tag.len);
 	c->cl_cur_pend->relayed = true;
 	c->cl_inflight++;
+	if (imap_tok_is(&cmd, "SELECT") || imap_tok_is(&cmd, "EXAMINE"))
+		c->cl_cur_pend->selects = 1;
+	else if (imap_tok_is(&cmd, "CLOSE") || imap_tok_is(&cmd, "UNSELECT"))
+		c->cl_cur_pend->selects = -1;
 	log_debug("client_command", "id=%llu tag=%s command=%.*s",
 	    (unsigned long long)c->cl_id, c->cl_cur_pend->tag, (int)cmd.len,
 	    cmd.p);

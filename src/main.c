@@ -21,6 +21,7 @@
 #include "imapshim.h"
 #include "listener.h"
 #include "log.h"
+#include "pool.h"
 #include "reap.h"
 #include "tls.h"
 #include "upstream.h"
@@ -146,6 +147,8 @@ main_reload(void)
 	main_env.upstream_ctx = uctx;
 	main_env.cfg = cfg;
 	listener_set_config(cfg);
+	pool_default_env(main_base, main_env.dns, uctx);
+	pool_set_config(cfg);
 	config_free(main_cfg);
 	main_cfg = cfg;
 	lvl = cfg->log_level;
@@ -163,11 +166,14 @@ main_drain_cb(evutil_socket_t fd, short what, void *arg)
 	(void)arg;
 	if (util_now_ms() >= main_drain_deadline_ms)
 		client_close_all("imapshim shutting down.");
-	/* Clients first; then the upstreams finish their LOGOUT (bounded
-	 * by their own short timer). */
-	if (client_count() == 0 && upstream_count() == 0) {
-		event_base_loopexit(main_base, NULL);
-		return;
+	/* Clients first; then the pool logs its sessions out, each bounded
+	 * by its own short LOGOUT timer. */
+	if (client_count() == 0) {
+		pool_shutdown();
+		if (upstream_count() == 0) {
+			event_base_loopexit(main_base, NULL);
+			return;
+		}
 	}
 	evtimer_add(main_drain_ev, &tv);
 }
@@ -305,6 +311,8 @@ main(int argc, char **argv)
 	    main_cfg->has_listen_starttls)) || !ok)
 		log_fatal("start", "reason=\"TLS set-up failed\"");
 	client_init(&main_env);
+	pool_default_env(main_base, main_env.dns, main_env.upstream_ctx);
+	pool_init(main_cfg, &pool_default_ops);
 	if (listener_start(main_base, main_cfg, err, sizeof(err)) != 0)
 		log_fatal("start", "reason=\"%s\"", err);
 	if (main_cfg->user != NULL && main_drop_privileges(main_cfg->user) != 0)
@@ -324,6 +332,7 @@ main(int argc, char **argv)
 
 	log_info("exit", "status=0");
 	client_free_all();
+	pool_shutdown();
 	upstream_free_all();
 	reap_shutdown();
 	for (i = 0; i < nitems(sigs); i++)

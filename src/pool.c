@@ -95,6 +95,7 @@ struct pool_entry {
 	struct pool_admin *pe_admin;
 	size_t pe_server;
 	char pe_mailbox[IMAPSHIM_MAILBOX_MAX + 1];
+	char pe_domain[IMAPSHIM_NAME_MAX + 1];
 	unsigned pe_mbhash;
 	uint64_t pe_started_ms;
 	uint64_t pe_last_used_ms;
@@ -429,16 +430,24 @@ entry_to_idle(struct pool_entry *e)
 	pool_kick();
 }
 
-/* The most recently used idle session for mailbox, or NULL. */
-static struct pool_entry *
-idle_find(const char *mailbox)
+/* True when e is logged in for what w asks for. */
+static bool
+entry_fits(const struct pool_entry *e, const struct pool_waiter *w)
 {
-	unsigned h = mb_hash(mailbox);
+	return util_ieq(e->pe_mailbox, w->pw_mailbox) &&
+	    util_ieq(e->pe_domain, w->pw_domain);
+}
+
+/* The most recently used idle session for w's mailbox, or NULL. */
+static struct pool_entry *
+idle_find(const struct pool_waiter *w)
+{
+	unsigned h = mb_hash(w->pw_mailbox);
 	struct pool_entry *e;
 
 	TAILQ_FOREACH_REVERSE(e, &P.idle_mb[h % POOL_MB_BUCKETS],
 	    pool_entry_list, pe_mblink)
-		if (e->pe_mbhash == h && util_ieq(e->pe_mailbox, mailbox))
+		if (e->pe_mbhash == h && entry_fits(e, w))
 			return e;
 	return NULL;
 }
@@ -571,7 +580,7 @@ pool_up_ready_cb(void *arg)
 		/* Its waiter left: the first one queued for this mailbox that
 		 * has nothing on the way (or only a login) takes it. */
 		TAILQ_FOREACH(o, &P.queue, pw_link)
-			if (util_ieq(o->pw_mailbox, e->pe_mailbox) &&
+			if (entry_fits(e, o) &&
 			    (o->pw_entry == NULL ||
 			    o->pw_entry->pe_state == PE_LOGIN)) {
 				w = o;
@@ -668,7 +677,7 @@ serve_from_idle(struct pool_waiter *w)
 {
 	struct pool_entry *e;
 
-	while ((e = idle_find(w->pw_mailbox)) != NULL) {
+	while ((e = idle_find(w)) != NULL) {
 		if (w->pw_entry != NULL)	/* its login goes on for the pool */
 			w->pw_entry->pe_waiter = NULL;
 		entry_set_state(e, PE_CHECKING);
@@ -730,6 +739,7 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	e->pe_admin = best;
 	e->pe_server = server;
 	snprintf(e->pe_mailbox, sizeof(e->pe_mailbox), "%s", w->pw_mailbox);
+	snprintf(e->pe_domain, sizeof(e->pe_domain), "%s", w->pw_domain);
 	e->pe_mbhash = mb_hash(e->pe_mailbox);
 	e->pe_started_ms = now;
 	e->pe_last_used_ms = now;
@@ -743,7 +753,7 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	w->pw_entry = e;
 	w->pw_next_server = server + 1;
 
-	u = P.ops->open(cfg, best->pa_index, server, e->pe_mailbox,
+	u = P.ops->open(cfg, best->pa_index, server, e->pe_domain, e->pe_mailbox,
 	    &pool_up_cbs, e, entry_free_cb, e);
 	if (u == NULL) {
 		TAILQ_REMOVE(&P.lists[PE_LOGIN], e, pe_link);
@@ -775,7 +785,7 @@ serve_evict(const struct pool_waiter *w)
 	char mb[80], mb2[80];
 
 	TAILQ_FOREACH(e, &P.lists[PE_IDLE], pe_link)
-		if (!util_ieq(e->pe_mailbox, w->pw_mailbox))
+		if (!entry_fits(e, w))
 			break;
 	if (e == NULL)
 		return false;
@@ -1268,17 +1278,15 @@ def_schedule(uint64_t at_ms)
 
 static struct upstream *
 def_open(const struct config *cfg, size_t admin, size_t server,
-    const char *mailbox, const struct upstream_cbs *cbs, void *arg,
+    const char *domain, const char *mailbox, const struct upstream_cbs *cbs, void *arg,
     void (*on_free)(void *), void *free_arg)
 {
 	const struct addr_endpoint *ep = &cfg->servers[server];
 	struct upstream_params p;
 	char user[2 * IMAPSHIM_NAME_MAX + IMAPSHIM_MAILBOX_MAX + 512];
 
-	/* TODO: the client's {domain} is not passed down; cfg->domain is
-	 * used (empty when unset). */
 	if (auth_format_login(cfg->login_format,
-	    cfg->domain != NULL ? cfg->domain : "", cfg->admins[admin].name,
+	    cfg->domain != NULL ? cfg->domain : domain, cfg->admins[admin].name,
 	    mailbox, user, sizeof(user)) < 0) {
 		log_warn("pool_open", "reason=\"login name too long\" admin=%s",
 		    cfg->admins[admin].name);

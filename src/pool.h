@@ -51,9 +51,12 @@ typedef void (*pool_granted_cb)(struct pool_waiter *w, struct upstream *u);
 typedef void (*pool_failed_cb)(struct pool_waiter *w, enum pool_fail why,
     const char *reason);
 
-/* Embedded in the client; the caller fills the first four fields. */
+/* Embedded in the client; the caller fills the first five fields. */
 struct pool_waiter {
 	char pw_mailbox[IMAPSHIM_MAILBOX_MAX + 1];
+	/* The client's {domain}: used upstream when [upstream] domain is
+	 * unset, and then part of what a pooled session is kept for. */
+	char pw_domain[IMAPSHIM_NAME_MAX + 1];
 	pool_granted_cb pw_granted;
 	pool_failed_cb pw_failed;
 	void *pw_arg;
@@ -82,7 +85,7 @@ struct pool_ops {
 	 * slot ends there.  Never calls back from inside open().  NULL:
 	 * could not start (no on_free follows). */
 	struct upstream *(*open)(const struct config *cfg, size_t admin,
-	    size_t server, const char *mailbox, const struct upstream_cbs *cbs,
+	    size_t server, const char *domain, const char *mailbox, const struct upstream_cbs *cbs,
 	    void *arg, void (*on_free)(void *), void *free_arg);
 	void (*close)(struct upstream *u, const char *reason);
 	void (*set_lessee)(struct upstream *u, const struct upstream_cbs *cbs,

@@ -538,9 +538,11 @@ up_ready_frame(struct upstream *u, const struct imap_frame *fr,
 	}
 	if (u->up_cmd_done != NULL) {
 		/* Our own command: nobody sees its responses. */
+		bool mine = rp != NULL && r.kind == IMAP_RESP_TAGGED &&
+		    util_ieqn(r.tag.p, r.tag.len, u->up_tag);
+
 		evbuffer_drain(in, fr->len);
-		if (rp != NULL && r.kind == IMAP_RESP_TAGGED &&
-		    util_ieqn(r.tag.p, r.tag.len, u->up_tag))
+		if (mine)
 			up_cmd_finish(u, r.status == IMAP_ST_OK);
 		return;
 	}

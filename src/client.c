@@ -22,6 +22,7 @@
 #include "log.h"
 #include "pool.h"
 #include "reap.h"
+#include "stats.h"
 #include "relay.h"
 #include "tls.h"
 #include "upstream.h"
@@ -74,6 +75,8 @@ struct cl_pend {
 	bool done;
 	bool logout;		/* close the session once this reply is out */
 	int8_t selects;		/* OK selects (1) or deselects (-1) a mailbox */
+	uint8_t stat_cmd;	/* enum stats_command */
+	uint64_t started_us;	/* relayed: when its first line went upstream */
 	char *reply;		/* local reply, or a replacement for the upstream's */
 };
 
@@ -97,6 +100,7 @@ struct client {
 	struct auth_name cl_name;
 	char cl_admin[IMAPSHIM_NAME_MAX + 1];	/* configured spelling */
 	struct pool_waiter cl_waiter;	/* asking the pool for a session */
+	uint64_t cl_login_us;		/* credentials checked at */
 	bool cl_waiting;
 
 	/* after login */
@@ -136,6 +140,25 @@ struct cl_ipq {
 };
 static LIST_HEAD(, cl_ipq) cl_ipq_hash[CL_IP_BUCKETS];
 
+const char *const client_kind_names[] = {
+	"unauthenticated", "attached", "parked", "waiting",
+};
+_Static_assert(nitems(client_kind_names) == CLIENT_KIND_COUNT, "kind names");
+
+/* The kind each state counts as (CLIENT_KIND_COUNT: not counted). */
+static const enum client_kind cl_state_kind[] = {
+	[CL_S_HANDSHAKE] = CLIENT_UNAUTHENTICATED,
+	[CL_S_NOTAUTH] = CLIENT_UNAUTHENTICATED,
+	[CL_S_STARTTLS] = CLIENT_UNAUTHENTICATED,
+	[CL_S_SASL] = CLIENT_UNAUTHENTICATED,
+	[CL_S_AUTHDELAY] = CLIENT_UNAUTHENTICATED,
+	[CL_S_LOGGING_IN] = CLIENT_WAITING,
+	[CL_S_AUTH] = CLIENT_ATTACHED,
+	[CL_S_CLOSING] = CLIENT_KIND_COUNT,
+};
+_Static_assert(nitems(cl_state_kind) == CL_S_COUNT, "state kinds");
+static unsigned cl_kind_count[CLIENT_KIND_COUNT + 1];
+
 static const struct client_env *cl_env;
 static TAILQ_HEAD(, client) cl_all = TAILQ_HEAD_INITIALIZER(cl_all);
 static unsigned cl_count;
@@ -168,6 +191,8 @@ cl_set_state(struct client *c, enum cl_state to)
 	log_debug("client_state", "id=%llu from=%s to=%s",
 	    (unsigned long long)c->cl_id, cl_state_names[c->cl_state],
 	    cl_state_names[to]);
+	cl_kind_count[cl_state_kind[c->cl_state]]--;
+	cl_kind_count[cl_state_kind[to]]++;
 	c->cl_state = to;
 }
 
@@ -418,6 +443,7 @@ cl_free(void *obj)
 
 	TAILQ_REMOVE(&cl_all, c, cl_link);
 	cl_count--;
+	cl_kind_count[cl_state_kind[c->cl_state]]--;
 	if (c->cl_bev != NULL) {
 		tls_close_notify(c->cl_ssl);
 		bufferevent_free(c->cl_bev);
@@ -507,6 +533,12 @@ client_count(void)
 	return cl_count;
 }
 
+void
+client_counts(unsigned counts[CLIENT_KIND_COUNT])
+{
+	memcpy(counts, cl_kind_count, CLIENT_KIND_COUNT * sizeof(counts[0]));
+}
+
 /* A BAD answer; a client that sends nothing but garbage is closed. */
 static void
 cl_bad(struct client *c, const char *tag, size_t taglen, const char *text)
@@ -587,6 +619,7 @@ cl_check_credentials(struct client *c, const char *user, size_t userlen,
 	    (unsigned long long)c->cl_id, c->cl_peer, c->cl_name.mailbox,
 	    c->cl_admin, LOG_MASKED);
 	cl_unauth_remove(c);
+	c->cl_login_us = util_now_us();
 	cl_set_state(c, CL_S_LOGGING_IN);
 	bufferevent_disable(c->cl_bev, EV_READ);
 	evtimer_del(c->cl_timer);
@@ -940,6 +973,7 @@ cl_up_ready(void *arg)
 	char caps[1024];
 	const struct config *cfg = cl_cfg();
 
+	stats_command(STATS_CMD_LOGIN, util_now_us() - c->cl_login_us);
 	cl_set_state(c, CL_S_AUTH);
 	c->cl_bad_in_row = 0;
 	c->cl_relay_sync_lit = !upstream_has_cap(c->cl_up, "LITERAL+");
@@ -1032,6 +1066,7 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 			c->cl_selected = resp->status == IMAP_ST_OK;
 		else if (p->selects < 0 && resp->status == IMAP_ST_OK)
 			c->cl_selected = false;
+		stats_command(p->stat_cmd, util_now_us() - p->started_us);
 		p->done = true;
 		c->cl_inflight--;
 		cl_pend_flush(c);
@@ -1158,6 +1193,8 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 	c->cl_cur_pend = cl_pend_push(c, tag.p, tag.len);
 	c->cl_cur_pend->relayed = true;
 	c->cl_inflight++;
+	c->cl_cur_pend->stat_cmd = stats_command_from(cmd.p, cmd.len);
+	c->cl_cur_pend->started_us = util_now_us();
 	if (imap_tok_is(&cmd, "SELECT") || imap_tok_is(&cmd, "EXAMINE"))
 		c->cl_cur_pend->selects = 1;
 	else if (imap_tok_is(&cmd, "CLOSE") || imap_tok_is(&cmd, "UNSELECT"))
@@ -1409,6 +1446,7 @@ client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
 		bufferevent_openssl_set_allow_dirty_shutdown(c->cl_bev, 1);
 	TAILQ_INSERT_TAIL(&cl_all, c, cl_link);
 	cl_count++;
+	cl_kind_count[cl_state_kind[c->cl_state]]++;
 	cl_unauth_add(c, sa);
 	imap_framer_init(&c->cl_framer, cl_cfg()->max_command_bytes,
 	    CL_PREAUTH_LITERAL_MAX);

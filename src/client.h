@@ -46,6 +46,18 @@ void client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
 /* Sessions alive (not yet reaped). */
 unsigned client_count(void);
 
+/* What /metrics calls imapshim_clients{state}. */
+enum client_kind {
+	CLIENT_UNAUTHENTICATED,	/* before login (TLS, commands, auth delay) */
+	CLIENT_ATTACHED,	/* logged in, holding an upstream session */
+	CLIENT_PARKED,		/* logged in, holding none (multiplex mode) */
+	CLIENT_WAITING,		/* waiting for an upstream session */
+	CLIENT_KIND_COUNT
+};
+extern const char *const client_kind_names[];	/* "unauthenticated", ... */
+/* Sessions of each kind, closing ones excluded. */
+void client_counts(unsigned counts[CLIENT_KIND_COUNT]);
+
 /* Close every session with "* BYE reason" (shutdown). */
 void client_close_all(const char *bye);
 /* At exit: close and free every session now, flushed or not. */

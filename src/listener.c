@@ -14,6 +14,7 @@
 #include "client.h"
 #include "config.h"
 #include "log.h"
+#include "stats.h"
 
 /* After EMFILE/ENFILE, accepting pauses this long instead of spinning. */
 #define LISTENER_PAUSE_MS 200
@@ -52,6 +53,7 @@ listener_accept_cb(struct evconnlistener *ev, evutil_socket_t fd,
 	addr_sockaddr_str(sa, peer, sizeof(peer));
 	if (!listener_allowed(sa)) {
 		ls_refused++;
+		stats_client_refused();
 		log_warn("client_refused", "peer=%s listener=%s reason=not-in-allow_from",
 		    peer, ls->ls_addr);
 		close(fd);
@@ -59,6 +61,7 @@ listener_accept_cb(struct evconnlistener *ev, evutil_socket_t fd,
 	}
 	if (client_count() >= ls_cfg->max_clients) {
 		ls_refused++;
+		stats_client_refused();
 		log_warn("client_refused", "peer=%s listener=%s reason=max_clients "
 		    "clients=%u", peer, ls->ls_addr, client_count());
 		close(fd);

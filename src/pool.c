@@ -35,6 +35,7 @@
 #include "auth.h"
 #include "config.h"
 #include "log.h"
+#include "stats.h"
 #include "util.h"
 
 #ifndef TAILQ_FOREACH_SAFE
@@ -62,11 +63,11 @@ enum pe_state {
 	PE_CLOSING,
 	PE_COUNT
 };
-static const char *const pe_state_names[] = {
+const char *const pool_state_names[] = {
 	"login", "idle", "checking", "resetting", "handoff", "leased",
-	"closing",
+	"closing", NULL
 };
-_Static_assert(nitems(pe_state_names) == PE_COUNT, "entry state names");
+_Static_assert(nitems(pool_state_names) == PE_COUNT + 1, "entry state names");
 
 enum pw_state { PW_NONE, PW_QUEUED, PW_DELIVER };
 
@@ -334,8 +335,8 @@ entry_set_state(struct pool_entry *e, enum pe_state to)
 	if (to == PE_CLOSING)
 		e->pe_admin->pa_closing++;
 	log_debug("pool_entry_state", "entry=%llu from=%s to=%s",
-	    (unsigned long long)e->pe_id, pe_state_names[from],
-	    pe_state_names[to]);
+	    (unsigned long long)e->pe_id, pool_state_names[from],
+	    pool_state_names[to]);
 }
 
 static struct pool_entry *
@@ -409,7 +410,7 @@ entry_close(struct pool_entry *e, const char *reason)
 	log_debug("pool_close", "entry=%llu mailbox=%s admin=%s state=%s "
 	    "reason=%s", (unsigned long long)e->pe_id,
 	    lv(mb, sizeof(mb), e->pe_mailbox), e->pe_admin->pa_name,
-	    pe_state_names[e->pe_state], reason);
+	    pool_state_names[e->pe_state], reason);
 	entry_mark_closing(e);
 	if (e->pe_up != NULL)
 		P.ops->close(e->pe_up, reason);
@@ -575,6 +576,7 @@ pool_up_ready_cb(void *arg)
 	if (e->pe_state != PE_LOGIN)
 		return;
 	P.logins_ok++;
+	stats_upstream_login(STATS_LOGIN_OK);
 	w = e->pe_waiter;
 	if (w == NULL) {
 		/* Its waiter left: the first one queued for this mailbox that
@@ -604,6 +606,8 @@ pool_up_failed_cb(void *arg, enum up_fail why, const char *reason)
 		return;
 	}
 	P.logins_failed++;
+	stats_upstream_login(why == UP_FAIL_LOGIN ? STATS_LOGIN_REFUSED :
+	    STATS_LOGIN_ERROR);
 	entry_mark_closing(e);		/* the upstream closes itself */
 	if (w != NULL)
 		pool_login_failed(w, e, why, reason != NULL ? reason : "");
@@ -627,7 +631,7 @@ pool_up_lost_cb(void *arg, const char *reason)
 
 	log_debug("pool_lost", "entry=%llu mailbox=%s state=%s reason=%s",
 	    (unsigned long long)e->pe_id, lv(mb, sizeof(mb), e->pe_mailbox),
-	    pe_state_names[e->pe_state],
+	    pool_state_names[e->pe_state],
 	    lv(rv, sizeof(rv), reason != NULL ? reason : ""));
 	entry_mark_closing(e);
 }
@@ -890,6 +894,7 @@ expire_waiters(uint64_t now, uint64_t *next)
 			continue;
 		}
 		P.queue_timeouts++;
+		stats_queue_timeout();
 		log_info("pool_queue_timeout", "mailbox=%s wait_ms=%llu "
 		    "sessions=%u budget=%u", lv(mb, sizeof(mb), w->pw_mailbox),
 		    (unsigned long long)(now - w->pw_since_ms), P.total,
@@ -917,8 +922,11 @@ deliver(void)
 			w->pw_entry = NULL;
 			e->pe_waiter = NULL;
 			entry_set_state(e, PE_LEASED);
-			if (e->pe_reused)
+			if (e->pe_reused) {
 				P.reuses++;
+				stats_pool_reuse();
+			}
+			stats_queue_wait(waited * 1000);
 			log_info("pool_grant", "entry=%llu mailbox=%s admin=%s "
 			    "reused=%s wait_ms=%llu",
 			    (unsigned long long)e->pe_id,
@@ -1157,7 +1165,7 @@ pool_release(struct upstream *u, enum pool_release how)
 
 	if (e == NULL || e->pe_state != PE_LEASED) {
 		log_warn("pool_release", "reason=\"not a leased session\" "
-		    "state=%s", e != NULL ? pe_state_names[e->pe_state] : "none");
+		    "state=%s", e != NULL ? pool_state_names[e->pe_state] : "none");
 		return;
 	}
 	P.ops->set_lessee(u, &pool_up_cbs, e);
@@ -1319,3 +1327,26 @@ const struct pool_ops pool_default_ops = {
 	.failed_responses = upstream_failed_responses,
 	.schedule = def_schedule,
 };
+
+void
+pool_foreach_session(void (*fn)(const struct pool_session_info *si, void *arg),
+    void *arg)
+{
+	struct pool_session_info si;
+	struct pool_entry *e;
+	uint64_t now = pool_now();
+	size_t i;
+
+	if (!P.init)
+		return;
+	for (i = 0; i < PE_COUNT; i++)
+		TAILQ_FOREACH(e, &P.lists[i], pe_link) {
+			si.admin = e->pe_admin->pa_name;
+			si.server = e->pe_server;
+			si.state = pool_state_names[e->pe_state];
+			si.mailbox = e->pe_mailbox;
+			si.age_ms = now - e->pe_started_ms;
+			si.idle_ms = now - e->pe_last_used_ms;
+			fn(&si, arg);
+		}
+}

@@ -145,4 +145,20 @@ void pool_get_stats(struct pool_stats *st);
 /* Sessions of one admin account (index into cfg->admins). */
 unsigned pool_admin_sessions(size_t admin);
 
+/* One upstream session as /metrics and /status show it. */
+struct pool_session_info {
+	const char *admin;	/* admin account name */
+	size_t server;		/* index into cfg->servers */
+	const char *state;	/* "login", "idle", "checking", "resetting",
+				 * "handoff", "leased", "closing" */
+	const char *mailbox;
+	uint64_t age_ms;	/* since the connect started */
+	uint64_t idle_ms;	/* since last use */
+};
+/* Call fn for every session the pool counts (all states). */
+void pool_foreach_session(void (*fn)(const struct pool_session_info *si,
+    void *arg), void *arg);
+/* State names pool_session_info.state takes, in order, NULL-terminated. */
+extern const char *const pool_state_names[];
+
 #endif

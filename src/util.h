@@ -17,8 +17,9 @@ void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
 char *xstrndup(const char *s, size_t n);
 
-/* Milliseconds of CLOCK_MONOTONIC. */
+/* Milliseconds and microseconds of CLOCK_MONOTONIC. */
 uint64_t util_now_ms(void);
+uint64_t util_now_us(void);
 
 /* Constant-time equality of two byte strings (length leaks, content not). */
 bool util_secret_equal(const char *a, size_t alen, const char *b, size_t blen);

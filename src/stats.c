@@ -1,0 +1,108 @@
+/* stats.c - counters and histograms for /metrics. */
+#include "stats.h"
+
+#include <string.h>
+#include <strings.h>
+
+#include "imapshim.h"
+
+/* From a fast NOOP on loopback to a slow APPEND through a busy CAS. */
+const uint64_t stats_hist_bounds_ms[STATS_HIST_BUCKETS] = {
+	1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+};
+
+const char *const stats_command_names[STATS_CMD_COUNT] = {
+#define X(n) #n,
+	STATS_COMMANDS
+#undef X
+};
+
+const char *const stats_login_result_names[STATS_LOGIN_COUNT] = {
+	"ok", "refused", "error",
+};
+
+const char *const stats_retry_reason_names[STATS_RETRY_COUNT] = {
+	"connect", "tls", "certificate", "greeting", "timeout",
+	"login_transient", "lost",
+};
+
+static struct stats_snapshot st;
+
+static void
+stats_hist_add(struct stats_hist *h, uint64_t us)
+{
+	size_t i;
+
+	for (i = 0; i < STATS_HIST_BUCKETS; i++)
+		if (us <= stats_hist_bounds_ms[i] * 1000)
+			break;
+	h->h_bucket[i]++;
+	h->h_count++;
+	h->h_sum_us += us;
+}
+
+enum stats_command
+stats_command_from(const char *name, size_t len)
+{
+	size_t i;
+
+	for (i = 0; i + 1 < STATS_CMD_COUNT; i++)
+		if (strlen(stats_command_names[i]) == len &&
+		    strncasecmp(stats_command_names[i], name, len) == 0)
+			return (enum stats_command)i;
+	return STATS_CMD_OTHER;
+}
+
+void
+stats_upstream_login(enum stats_login_result r)
+{
+	st.logins[r]++;
+}
+
+void
+stats_login_retry(enum stats_retry_reason r)
+{
+	st.retries[r]++;
+}
+
+void
+stats_pool_reuse(void)
+{
+	st.pool_reuse++;
+}
+
+void
+stats_queue_wait(uint64_t us)
+{
+	stats_hist_add(&st.queue_wait, us);
+}
+
+void
+stats_queue_timeout(void)
+{
+	st.queue_timeouts++;
+}
+
+void
+stats_command(enum stats_command c, uint64_t us)
+{
+	stats_hist_add(&st.command[c], us);
+}
+
+void
+stats_client_refused(void)
+{
+	st.clients_refused++;
+}
+
+const struct stats_snapshot *
+stats_get(void)
+{
+	return &st;
+}
+
+void
+stats_reset(void)
+{
+	memset(&st, 0, sizeof(st));
+}

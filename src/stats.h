@@ -1,0 +1,93 @@
+/*
+ * stats.h - the counters and histograms behind /metrics.
+ *
+ * Owns every cumulative metric value of the process (monotonic counters
+ * and fixed-bucket histograms); gauges (clients by state, sessions by
+ * admin/server/state, queue length, server health) are read from their
+ * owning modules at scrape time instead.  Modules record events through
+ * these functions only; recording is a few integer operations, no
+ * allocation, so it is fine on the relay path.
+ */
+#ifndef STATS_H
+#define STATS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* imapshim_upstream_logins_total{result} */
+enum stats_login_result {
+	STATS_LOGIN_OK,
+	STATS_LOGIN_REFUSED,	/* tagged NO/BAD to LOGIN */
+	STATS_LOGIN_ERROR,	/* connect, TLS, certificate, greeting, timeout */
+	STATS_LOGIN_COUNT
+};
+
+/* imapshim_login_retries_total{reason} and failures by reason */
+enum stats_retry_reason {
+	STATS_RETRY_CONNECT,
+	STATS_RETRY_TLS,
+	STATS_RETRY_CERTIFICATE,
+	STATS_RETRY_GREETING,	/* BYE greeting, "Connection is closed. NN" */
+	STATS_RETRY_TIMEOUT,
+	STATS_RETRY_LOGIN_TRANSIENT,	/* NO LOGIN failed, ProxyNotAuthenticated... */
+	STATS_RETRY_LOST,	/* upstream lost mid-session, command re-run */
+	STATS_RETRY_COUNT
+};
+
+/* Fixed histogram buckets, upper bounds in milliseconds (+Inf implied). */
+#define STATS_HIST_BUCKETS 14
+extern const uint64_t stats_hist_bounds_ms[STATS_HIST_BUCKETS];
+
+struct stats_hist {
+	uint64_t h_bucket[STATS_HIST_BUCKETS + 1];	/* last: +Inf */
+	uint64_t h_count;
+	uint64_t h_sum_us;
+};
+
+/* Commands with their own imapshim_command_seconds series; the rest go
+ * to "other". */
+#define STATS_COMMANDS \
+	X(APPEND) X(CAPABILITY) X(CHECK) X(CLOSE) X(COPY) X(CREATE) \
+	X(DELETE) X(EXAMINE) X(EXPUNGE) X(FETCH) X(ID) X(IDLE) X(LIST) \
+	X(LOGIN) X(LOGOUT) X(LSUB) X(MOVE) X(NAMESPACE) X(NOOP) X(RENAME) \
+	X(SEARCH) X(SELECT) X(STATUS) X(STORE) X(SUBSCRIBE) X(UID) \
+	X(UNSELECT) X(UNSUBSCRIBE) X(OTHER)
+
+enum stats_command {
+#define X(n) STATS_CMD_##n,
+	STATS_COMMANDS
+#undef X
+	STATS_CMD_COUNT
+};
+/* Upper case as in IMAP ("APPEND", "OTHER"); /metrics shows them lower case. */
+extern const char *const stats_command_names[STATS_CMD_COUNT];
+
+/* Map a command name (any case) to its series.  "UID FETCH" counts as UID. */
+enum stats_command stats_command_from(const char *name, size_t len);
+
+void stats_upstream_login(enum stats_login_result r);
+void stats_login_retry(enum stats_retry_reason r);
+void stats_pool_reuse(void);
+void stats_queue_wait(uint64_t us);	/* a waiter was served after us */
+void stats_queue_timeout(void);
+void stats_command(enum stats_command c, uint64_t us);
+void stats_client_refused(void);	/* closed at accept */
+
+/* Read-only view for status.c. */
+struct stats_snapshot {
+	uint64_t logins[STATS_LOGIN_COUNT];
+	uint64_t retries[STATS_RETRY_COUNT];
+	uint64_t pool_reuse;
+	uint64_t queue_timeouts;
+	uint64_t clients_refused;
+	struct stats_hist queue_wait;
+	struct stats_hist command[STATS_CMD_COUNT];
+};
+const struct stats_snapshot *stats_get(void);
+extern const char *const stats_login_result_names[STATS_LOGIN_COUNT];	/* "ok", "refused", "error" */
+extern const char *const stats_retry_reason_names[STATS_RETRY_COUNT];	/* "connect", ... */
+
+/* Tests only: back to zero. */
+void stats_reset(void);
+
+#endif

@@ -1,0 +1,29 @@
+/*
+ * status.h - the HTTP status endpoint (libevent's evhttp).
+ *
+ * Owns the evhttp server on status_listen and the rendering of
+ * GET /metrics (Prometheus text exposition format 0.0.4) and GET /status
+ * (JSON).  It only reads: stats.c's counters and the gauges of pool.c,
+ * client.c, retry.c and the current config.  Passwords never appear.
+ */
+#ifndef STATUS_H
+#define STATUS_H
+
+#include <stddef.h>
+
+struct event_base;
+struct config;
+struct evbuffer;
+
+/* Bind status_listen (if set).  Returns 0, or -1 with a reason in err. */
+int status_start(struct event_base *base, const struct config *cfg,
+    char *err, size_t errlen);
+/* New settings after a reload (status_listen itself is not re-bound). */
+void status_set_config(const struct config *cfg);
+void status_stop(void);
+
+/* Renderers, exposed for unit tests. */
+void status_render_metrics(struct evbuffer *out);
+void status_render_json(struct evbuffer *out);
+
+#endif

@@ -21,6 +21,7 @@
 #include "imapshim.h"
 #include "log.h"
 #include "pool.h"
+#include "protolog.h"
 #include "reap.h"
 #include "stats.h"
 #include "relay.h"
@@ -77,6 +78,8 @@ struct cl_pend {
 	int8_t selects;		/* OK selects (1) or deselects (-1) a mailbox */
 	uint8_t stat_cmd;	/* enum stats_command */
 	uint64_t started_us;	/* relayed: when its first line went upstream */
+	uint64_t rq, rp;	/* bytes of command and replies (protocol_log) */
+	char *pl_params;	/* its arguments, only with protocol_log */
 	char *reply;		/* local reply, or a replacement for the upstream's */
 };
 
@@ -118,6 +121,8 @@ struct client {
 
 	uint64_t cl_started_ms;
 	uint64_t cl_bytes_in, cl_bytes_out;
+	char *cl_sip;			/* local address, only with protocol_log */
+	unsigned cl_pl_seq;
 	const char *cl_close_reason;
 	struct reap_entry cl_reap;
 	TAILQ_ENTRY(client) cl_link;
@@ -232,6 +237,77 @@ cl_printf(struct client *c, const char *fmt, ...)
 	cl_write(c, buf, (size_t)n);
 }
 
+/* One protocol_log line for this session (no-op when the log is off). */
+static void
+cl_plog(struct client *c, const char *command, const char *params,
+    uint64_t rq, uint64_t rp, uint64_t started_us, const char *context)
+{
+	struct protolog_rec r;
+	char user[IMAPSHIM_NAME_MAX * 3 + 8] = "";
+	char cmd[32];
+	size_t i;
+
+	if (!protolog_enabled())
+		return;
+	if (c->cl_name.mailbox[0] != '\0')
+		snprintf(user, sizeof(user), "%s%s%s/%s", c->cl_name.domain,
+		    c->cl_name.domain[0] ? "/" : "", c->cl_admin,
+		    c->cl_name.mailbox);
+	/* Exchange writes command names in lower case. */
+	for (i = 0; i + 1 < sizeof(cmd) && command[i] != '\0'; i++)
+		cmd[i] = (char)(command[i] >= 'A' && command[i] <= 'Z' ?
+		    command[i] - 'A' + 'a' : command[i]);
+	cmd[i] = '\0';
+	memset(&r, 0, sizeof(r));
+	r.session_id = c->cl_id;
+	r.seq = c->cl_pl_seq++;
+	r.sip = c->cl_sip != NULL ? c->cl_sip : "";
+	r.cip = c->cl_peer;
+	r.user = user;
+	r.duration_ms = started_us ? (util_now_us() - started_us) / 1000 : 0;
+	r.rqsize = rq;
+	r.rpsize = rp;
+	/* The session pseudo-commands keep Exchange's spelling. */
+	r.command = strcmp(command, "OpenSession") == 0 ||
+	    strcmp(command, "CloseSession") == 0 ? command : cmd;
+	r.params = params != NULL ? params : "";
+	r.context = context != NULL ? context : "";
+	protolog_write(&r);
+}
+
+/* A command imapshim answered itself, for the protocol log. */
+static void
+cl_plog_local(struct client *c, const struct imap_tok *cmd, size_t rq)
+{
+	char name[32];
+
+	snprintf(name, sizeof(name), "%.*s", (int)cmd->len, cmd->p);
+	cl_plog(c, name, "", rq, 0, 0, "R=ok;Msg=imapshim");
+}
+
+/* The arguments of a command's first line for the protocol log, with
+ * LOGIN's and AUTHENTICATE's secrets masked.  NULL when the log is off. */
+static char *
+cl_plog_params(const char *line, size_t len, const struct imap_tok *cmd)
+{
+	const char *args;
+	size_t n;
+
+	if (!protolog_enabled())
+		return NULL;
+	args = cmd->p + cmd->len;
+	n = len - (size_t)(args - line);
+	while (n > 0 && *args == ' ') {
+		args++;
+		n--;
+	}
+	while (n > 0 && (args[n - 1] == '\r' || args[n - 1] == '\n'))
+		n--;
+	if (imap_tok_is(cmd, "LOGIN") || imap_tok_is(cmd, "AUTHENTICATE"))
+		return xstrdup(LOG_MASKED);
+	return xstrndup(args, n > 2048 ? 2048 : n);
+}
+
 /* Read again; input that arrived while reading was off gets no new read
  * event, so trigger one (deferred: never re-entered from our caller). */
 static void
@@ -320,6 +396,8 @@ cl_pend_flush(struct client *c)
 			free(p->reply);
 			p->reply = NULL;
 		}
+		free(p->pl_params);
+		p->pl_params = NULL;
 		logout |= p->logout;
 		c->cl_pend_head = (c->cl_pend_head + 1) % c->cl_pend_cap;
 		c->cl_pend_len--;
@@ -335,8 +413,10 @@ cl_pend_clear(struct client *c)
 {
 	size_t i;
 
-	for (i = 0; i < c->cl_pend_len; i++)
+	for (i = 0; i < c->cl_pend_len; i++) {
 		free(cl_pend_at(c, i)->reply);
+		free(cl_pend_at(c, i)->pl_params);
+	}
 	free(c->cl_pend);
 	c->cl_pend = NULL;
 	c->cl_pend_cap = c->cl_pend_len = c->cl_pend_head = 0;
@@ -441,6 +521,8 @@ cl_free(void *obj)
 {
 	struct client *c = obj;
 
+	/* Last line of the session: after every reply it flushed. */
+	cl_plog(c, "CloseSession", "", 0, 0, 0, c->cl_close_reason);
 	TAILQ_REMOVE(&cl_all, c, cl_link);
 	cl_count--;
 	cl_kind_count[cl_state_kind[c->cl_state]]--;
@@ -453,6 +535,7 @@ cl_free(void *obj)
 	if (c->cl_cmd != NULL)
 		evbuffer_free(c->cl_cmd);
 	cl_pend_clear(c);
+	free(c->cl_sip);
 	free(c);
 }
 
@@ -583,7 +666,14 @@ cl_auth_failed(struct client *c)
 static void
 cl_auth_answer(struct client *c, const char *text)
 {
+	char ctx[600];
+
 	cl_printf(c, "%s %s\r\n", c->cl_tag, text);
+	if (protolog_enabled()) {
+		snprintf(ctx, sizeof(ctx), "R=\"%s %s\"", c->cl_tag, text);
+		cl_plog(c, "login", LOG_MASKED, 0, strlen(c->cl_tag) + strlen(text) + 3,
+		    c->cl_login_us, ctx);
+	}
 	if (c->cl_state == CL_S_AUTHDELAY &&
 	    c->cl_auth_failures >= CL_MAX_AUTH_FAILURES) {
 		cl_close(c, "too-many-auth-failures",
@@ -787,6 +877,9 @@ cl_preauth_command(struct client *c)
 		}
 	}
 	c->cl_bad_in_row = 0;
+	if (protolog_enabled() && !imap_tok_is(&cmd, "LOGIN") &&
+	    !imap_tok_is(&cmd, "AUTHENTICATE"))
+		cl_plog_local(c, &cmd, len);
 	if (imap_tok_is(&cmd, "CAPABILITY")) {
 		cl_caps(c, caps, sizeof(caps));
 		cl_printf(c, "* CAPABILITY %s\r\n%.*s OK CAPABILITY completed.\r\n",
@@ -981,6 +1074,12 @@ cl_up_ready(void *arg)
 	    cfg->max_literal_bytes);
 	cl_caps(c, caps, sizeof(caps));
 	cl_printf(c, "%s OK [CAPABILITY %s] Logged in.\r\n", c->cl_tag, caps);
+	if (protolog_enabled()) {
+		char ctx[128];
+
+		snprintf(ctx, sizeof(ctx), "R=\"%s OK Logged in.\"", c->cl_tag);
+		cl_plog(c, "login", LOG_MASKED, 0, 0, c->cl_login_us, ctx);
+	}
 	cl_arm_timer(c, cfg->client_idle_timeout_ms);
 	cl_resume_reading(c);
 }
@@ -1013,6 +1112,32 @@ static void
 cl_up_writable(void *arg)
 {
 	cl_unblock(arg);
+}
+
+/* Count reply bytes for the protocol log; log the command at its tagged
+ * reply (before the reply's bytes leave the input buffer). */
+static void
+cl_plog_response(struct client *c, struct cl_pend *done,
+    const struct imap_resp *resp, const struct imap_frame *fr)
+{
+	struct cl_pend *p = done;
+	char ctx[600];
+	size_t i;
+
+	for (i = 0; p == NULL && i < c->cl_pend_len; i++)
+		if (cl_pend_at(c, i)->relayed && !cl_pend_at(c, i)->done)
+			p = cl_pend_at(c, i);
+	if (p == NULL)
+		return;
+	p->rp += fr->len;
+	if (done == NULL)
+		return;
+	snprintf(ctx, sizeof(ctx), "R=\"%s %s %.*s\"", p->tag,
+	    resp->status == IMAP_ST_OK ? "OK" : resp->status == IMAP_ST_NO ?
+	    "NO" : "BAD", (int)(resp->text_len > 400 ? 400 : resp->text_len),
+	    resp->text);
+	cl_plog(c, stats_command_names[p->stat_cmd], p->pl_params, p->rq,
+	    p->rp, p->started_us, ctx);
 }
 
 /* Find the relayed command a tagged reply answers. */
@@ -1059,6 +1184,8 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 		}
 	}
 	c->cl_bytes_out += fr->len;
+	if (protolog_enabled())
+		cl_plog_response(c, p, resp, fr);
 	evbuffer_remove_buffer(in, out, fr->len);
 	if (p != NULL) {
 		/* A failed SELECT leaves no mailbox selected (RFC 3501 6.3.1). */
@@ -1087,6 +1214,8 @@ cl_forward_line(struct client *c, const struct imap_frame *fr,
 	struct evbuffer *up = upstream_output(c->cl_up);
 
 	c->cl_bytes_in += fr->len;
+	if (c->cl_cur_pend != NULL)
+		c->cl_cur_pend->rq += fr->len;
 	if (fr->has_lit && !fr->lit_nonsync && !c->cl_relay_sync_lit &&
 	    line[fr->marker_off] == '{') {
 		evbuffer_add(up, line, fr->marker_off);
@@ -1184,6 +1313,8 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 		return;
 	}
 	if (cl_auth_local(c, &tag, &cmd, fr->last)) {
+		if (protolog_enabled())
+			cl_plog_local(c, &cmd, fr->len);
 		evbuffer_drain(in, fr->len);
 		c->cl_cur = fr->last ? CL_CUR_NONE : CL_CUR_SWALLOW;
 		c->cl_bad_in_row = 0;
@@ -1195,6 +1326,7 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 	c->cl_inflight++;
 	c->cl_cur_pend->stat_cmd = stats_command_from(cmd.p, cmd.len);
 	c->cl_cur_pend->started_us = util_now_us();
+	c->cl_cur_pend->pl_params = cl_plog_params(line, fr->text_len, &cmd);
 	if (imap_tok_is(&cmd, "SELECT") || imap_tok_is(&cmd, "EXAMINE"))
 		c->cl_cur_pend->selects = 1;
 	else if (imap_tok_is(&cmd, "CLOSE") || imap_tok_is(&cmd, "UNSELECT"))
@@ -1231,6 +1363,8 @@ cl_auth_frame(struct client *c, const struct imap_frame *fr, const char *line,
 	case IMAP_FR_LITERAL:
 		if (c->cl_cur == CL_CUR_RELAY) {
 			c->cl_bytes_in += fr->len;
+			if (c->cl_cur_pend != NULL)
+				c->cl_cur_pend->rq += fr->len;
 			evbuffer_remove_buffer(in, upstream_output(c->cl_up), fr->len);
 		} else
 			evbuffer_drain(in, fr->len);
@@ -1457,6 +1591,16 @@ client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
 	log_info("client_accept", "id=%llu peer=%s listener=%s",
 	    (unsigned long long)c->cl_id, c->cl_peer,
 	    kind == CLIENT_LISTEN_IMPLICIT_TLS ? "tls" : "starttls");
+	if (protolog_enabled()) {
+		struct sockaddr_storage ss;
+		socklen_t sl = sizeof(ss);
+		char sip[64];
+
+		if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0)
+			c->cl_sip = xstrdup(addr_sockaddr_str(
+			    (struct sockaddr *)&ss, sip, sizeof(sip)));
+		cl_plog(c, "OpenSession", "", 0, 0, 0, "");
+	}
 	if (kind == CLIENT_LISTEN_STARTTLS)
 		cl_send_greeting(c);
 }

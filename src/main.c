@@ -22,6 +22,7 @@
 #include "listener.h"
 #include "log.h"
 #include "pool.h"
+#include "protolog.h"
 #include "reap.h"
 #include "tls.h"
 #include "upstream.h"
@@ -145,6 +146,14 @@ main_reload(void)
 	tls_ctx_free(main_env.upstream_ctx);
 	main_env.server_ctx = sctx;
 	main_env.upstream_ctx = uctx;
+	if ((cfg->protocol_log == NULL) != (main_cfg->protocol_log == NULL) ||
+	    (cfg->protocol_log != NULL &&
+	    strcmp(cfg->protocol_log, main_cfg->protocol_log) != 0)) {
+		char err[512];
+
+		if (protolog_open(cfg->protocol_log, err, sizeof(err)) != 0)
+			log_warn("protocol_log", "reason=\"%s\"", err);
+	}
 	main_env.cfg = cfg;
 	listener_set_config(cfg);
 	pool_default_env(main_base, main_env.dns, uctx);
@@ -190,6 +199,8 @@ main_signal_cb(evutil_socket_t sig, short what, void *arg)
 	case SIGUSR1:
 		if (log_reopen() != 0)
 			log_warn("log_reopen", "result=failed");
+		if (protolog_reopen() != 0)
+			log_warn("protocol_log_reopen", "result=failed");
 		break;
 	case SIGTERM:
 	case SIGINT:
@@ -292,6 +303,8 @@ main(int argc, char **argv)
 		return 1;
 	}
 	main_warn_config(main_cfg, &diag);
+	if (protolog_open(main_cfg->protocol_log, err, sizeof(err)) != 0)
+		log_fatal("start", "reason=\"%s\"", err);
 	if (!main_cfg->tls_verify)
 		log_warn("tls_verify_off", "reason=\"[upstream] tls_verify = no: "
 		    "Exchange certificates are NOT verified\"");
@@ -344,6 +357,7 @@ main(int argc, char **argv)
 	tls_ctx_free(main_env.upstream_ctx);
 	event_base_free(main_base);
 	config_free(main_cfg);
+	protolog_close();
 	log_close();
 	return 0;
 }

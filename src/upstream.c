@@ -486,6 +486,17 @@ up_login_line(struct upstream *u, const char *line, size_t len)
 		}
 		if (!mine)
 			break;
+		if (r.status != IMAP_ST_OK && u->up_logged_in) {
+			/* Exchange Online says OK to LOGIN and then "BAD User
+			 * is authenticated but not connected." to everything:
+			 * the login failed after all (DESIGN 3.5). */
+			u->up_no += r.status == IMAP_ST_NO;
+			u->up_bad += r.status == IMAP_ST_BAD;
+			up_fail(u, UP_FAIL_LOGIN, "%s %.*s",
+			    r.status == IMAP_ST_NO ? "NO" : "BAD",
+			    (int)(r.text_len > 300 ? 300 : r.text_len), r.text);
+			break;
+		}
 		if (r.status != IMAP_ST_OK) {
 			up_fail(u, UP_FAIL_PROTOCOL, "CAPABILITY failed");
 			break;

@@ -69,6 +69,25 @@ enum cl_cur {
 	CL_CUR_SWALLOW,		/* answered locally: drop the rest */
 };
 
+/* What may be done with a relayed command when its upstream is lost
+ * before its tagged reply (DESIGN 3.5). */
+enum cl_rerun {
+	CL_RERUN_NO,		/* answer NO [UNAVAILABLE] */
+	CL_RERUN_READONLY,	/* run it again if no reply byte reached the client */
+	CL_RERUN_APPEND,	/* exactly once: run again unless it provably landed */
+	CL_RERUN_IDLE,		/* IDLE again, silently */
+};
+
+/* Steps of a recovery once a new session is there. */
+enum cl_redo {
+	CL_REDO_NONE,		/* only select the mailbox again */
+	CL_REDO_SEND,		/* send the kept command again */
+	CL_REDO_IDLE,		/* IDLE again, hiding its "+" */
+	CL_REDO_APPEND_EXAMINE,	/* APPEND: look in its mailbox... */
+	CL_REDO_APPEND_SEARCH,	/* ...for its Message-ID... */
+	CL_REDO_APPEND_DECIDE,	/* ...then answer OK or send it again */
+};
+
 /* One command whose reply has not been sent yet, in client order. */
 struct cl_pend {
 	char tag[IMAPSHIM_TAG_MAX + 1];
@@ -79,6 +98,9 @@ struct cl_pend {
 	uint8_t stat_cmd;	/* enum stats_command */
 	uint64_t started_us;	/* relayed: when its first line went upstream */
 	uint64_t rq, rp;	/* bytes of command and replies (protocol_log) */
+	uint8_t rerun;		/* enum cl_rerun */
+	bool replied;		/* some reply byte went to the client */
+	char *select_cmd;	/* SELECT/EXAMINE: "SELECT args" to redo later */
 	char *pl_params;	/* its arguments, only with protocol_log */
 	char *reply;		/* local reply, or a replacement for the upstream's */
 };
@@ -118,6 +140,17 @@ struct client {
 	bool cl_logout;			/* LOGOUT read: nothing after it is */
 	unsigned cl_inflight;		/* relayed commands without their reply */
 	bool cl_selected;		/* a mailbox is selected upstream */
+
+	/* Recovery after an upstream loss (DESIGN 3.5). */
+	char *cl_select_cmd;		/* what selected the current mailbox */
+	struct evbuffer *cl_replay;	/* the in-flight command's bytes */
+	bool cl_replay_on;		/* cl_replay holds all of them */
+	size_t cl_replay_max;
+	char *cl_append_mbox;		/* APPEND in flight: its mailbox, as sent */
+	enum cl_redo cl_recover;	/* what to do once a session is back */
+	unsigned cl_recover_tries;
+	bool cl_swallow_cont;		/* hide the "+" of a silently repeated IDLE */
+	uint32_t cl_found_uidvalidity, cl_found_uid;
 
 	uint64_t cl_started_ms;
 	uint64_t cl_bytes_in, cl_bytes_out;
@@ -174,6 +207,7 @@ static void cl_write_cb(struct bufferevent *bev, void *arg);
 static void cl_event_cb(struct bufferevent *bev, short what, void *arg);
 static void cl_close(struct client *c, const char *reason, const char *bye);
 static void cl_ask_pool(struct client *c);
+static void cl_unblock(struct client *c);
 
 /* Extensions of the upstream that imapshim relays faithfully: they change
  * neither framing nor session state that imapshim must track. */
@@ -398,6 +432,8 @@ cl_pend_flush(struct client *c)
 		}
 		free(p->pl_params);
 		p->pl_params = NULL;
+		free(p->select_cmd);
+		p->select_cmd = NULL;
 		logout |= p->logout;
 		c->cl_pend_head = (c->cl_pend_head + 1) % c->cl_pend_cap;
 		c->cl_pend_len--;
@@ -416,6 +452,7 @@ cl_pend_clear(struct client *c)
 	for (i = 0; i < c->cl_pend_len; i++) {
 		free(cl_pend_at(c, i)->reply);
 		free(cl_pend_at(c, i)->pl_params);
+		free(cl_pend_at(c, i)->select_cmd);
 	}
 	free(c->cl_pend);
 	c->cl_pend = NULL;
@@ -536,6 +573,10 @@ cl_free(void *obj)
 		evbuffer_free(c->cl_cmd);
 	cl_pend_clear(c);
 	free(c->cl_sip);
+	free(c->cl_select_cmd);
+	free(c->cl_append_mbox);
+	if (c->cl_replay != NULL)
+		evbuffer_free(c->cl_replay);
 	free(c);
 }
 
@@ -987,6 +1028,312 @@ cl_preauth_frame(struct client *c, const struct imap_frame *fr,
 	evbuffer_drain(c->cl_cmd, evbuffer_get_length(c->cl_cmd));
 }
 
+/* ------------------------------------------------------------- recovery */
+
+/* Commands that change nothing on the server: safe to run twice. */
+static const char *const cl_readonly_cmds[] = {
+	"FETCH", "SEARCH", "STATUS", "NOOP", "SELECT", "EXAMINE", "LIST",
+	"LSUB", "CHECK", "NAMESPACE", "GETQUOTA", "GETQUOTAROOT", "GETACL",
+	"MYRIGHTS", "LISTRIGHTS", "XLIST", "SORT", "THREAD",
+};
+
+/* Largest read-only command kept for a re-run. */
+#define CL_REPLAY_MAX (64 * 1024)
+/* Upstream losses in a row one command may survive. */
+#define CL_RECOVER_TRIES 3
+
+static bool
+cl_cmd_readonly(const struct imap_tok *cmd)
+{
+	size_t i;
+
+	for (i = 0; i < nitems(cl_readonly_cmds); i++)
+		if (imap_tok_is(cmd, cl_readonly_cmds[i]))
+			return true;
+	return false;
+}
+
+/* Decide, as a command starts, what a lost upstream would let us do with
+ * it, and start keeping its bytes when it may be sent again. */
+static void
+cl_prepare_rerun(struct client *c, struct cl_pend *p, const char *line,
+    size_t len, const struct imap_tok *cmd)
+{
+	struct imap_lexer lx;
+	struct imap_tok t, sub;
+	const struct config *cfg = cl_cfg();
+
+	imap_lexer_init(&lx, line, len);
+	imap_lex_next(&lx, &t);		/* tag */
+	imap_lex_next(&lx, &t);		/* command */
+	if (imap_tok_is(cmd, "UID")) {
+		if (imap_lex_next(&lx, &sub) == 1 && sub.type == IMAP_TOK_ATOM &&
+		    (imap_tok_is(&sub, "FETCH") || imap_tok_is(&sub, "SEARCH") ||
+		    imap_tok_is(&sub, "SORT") || imap_tok_is(&sub, "THREAD")))
+			p->rerun = CL_RERUN_READONLY;
+	} else if (imap_tok_is(cmd, "APPEND")) {
+		/* The mailbox as the client wrote it, to look for the message
+		 * there; a literal name is not kept (never seen in practice). */
+		if (imap_lex_next(&lx, &t) == 1 && (t.type == IMAP_TOK_ATOM ||
+		    t.type == IMAP_TOK_QUOTED)) {
+			free(c->cl_append_mbox);
+			c->cl_append_mbox = t.type == IMAP_TOK_QUOTED ?
+			    xstrndup(t.p - 1, t.len + 2) : xstrndup(t.p, t.len);
+			p->rerun = CL_RERUN_APPEND;
+		}
+	} else if (imap_tok_is(cmd, "IDLE"))
+		p->rerun = CL_RERUN_IDLE;
+	else if (cl_cmd_readonly(cmd))
+		p->rerun = CL_RERUN_READONLY;
+	if (p->selects > 0 && len > 0 && line[len - 1] != '}')
+		p->select_cmd = xstrndup(cmd->p, len - (size_t)(cmd->p - line));
+	if (c->cl_replay == NULL)
+		c->cl_replay = evbuffer_new();
+	evbuffer_drain(c->cl_replay, evbuffer_get_length(c->cl_replay));
+	c->cl_replay_on = p->rerun != CL_RERUN_NO && c->cl_replay != NULL;
+	c->cl_replay_max = p->rerun == CL_RERUN_APPEND ?
+	    cfg->max_literal_bytes + 2 * cfg->max_command_bytes : CL_REPLAY_MAX;
+}
+
+/* The relayed command not answered yet (one at a time), or NULL. */
+static struct cl_pend *
+cl_inflight_pend(struct client *c)
+{
+	size_t i;
+
+	for (i = 0; i < c->cl_pend_len; i++)
+		if (cl_pend_at(c, i)->relayed && !cl_pend_at(c, i)->done)
+			return cl_pend_at(c, i);
+	return NULL;
+}
+
+/* Answer an in-flight command ourselves. */
+static void
+cl_pend_answer(struct client *c, struct cl_pend *p, const char *text)
+{
+	char buf[IMAPSHIM_TAG_MAX + 1100];
+
+	snprintf(buf, sizeof(buf), "%s %s\r\n", p->tag, text);
+	free(p->reply);
+	p->reply = xstrdup(buf);
+	p->done = true;
+	c->cl_inflight--;
+	c->cl_replay_on = false;
+	cl_pend_flush(c);
+}
+
+static void
+cl_pend_unavailable(struct client *c, struct cl_pend *p)
+{
+	cl_pend_answer(c, p, "NO [UNAVAILABLE] The connection to Exchange was "
+	    "lost; the command may not have completed.");
+}
+
+/* Get a session for this mailbox again; cl_recover says what to redo. */
+static void
+cl_reattach(struct client *c)
+{
+	if (c->cl_waiting || c->cl_state != CL_S_AUTH)
+		return;
+	log_info("client_reattach", "id=%llu mailbox=%s redo=%d try=%u",
+	    (unsigned long long)c->cl_id, c->cl_name.mailbox, c->cl_recover,
+	    c->cl_recover_tries);
+	cl_ask_pool(c);
+}
+
+/* The whole command has been read. */
+static void
+cl_command_sent(struct client *c)
+{
+	struct cl_pend *p = c->cl_cur_pend;
+
+	c->cl_cur = CL_CUR_NONE;
+	if (c->cl_up != NULL || p == NULL || p->done)
+		return;
+	/* The upstream was lost while the client was still sending: the
+	 * server never had the whole command, so sending it again is safe
+	 * even for APPEND. */
+	if (!c->cl_replay_on) {
+		cl_pend_unavailable(c, p);
+		return;
+	}
+	c->cl_recover = p->rerun == CL_RERUN_IDLE ? CL_REDO_IDLE : CL_REDO_SEND;
+	cl_reattach(c);
+}
+
+static void cl_recover_step(struct client *c);
+
+static void
+cl_recover_done_cb(void *arg, bool ok)
+{
+	struct client *c = arg;
+
+	if (!ok && c->cl_up != NULL && upstream_state(c->cl_up) == UP_S_CLOSING) {
+		/* Lost again while recovering: start over (bounded). */
+		pool_forget(c->cl_up);
+		c->cl_up = NULL;
+		if (++c->cl_recover_tries < CL_RECOVER_TRIES) {
+			cl_reattach(c);
+			return;
+		}
+		cl_close(c, "upstream-lost", "The connection to Exchange "
+		    "was lost.");
+		return;
+	}
+	if (!ok) {
+		cl_close(c, "reselect-failed", "The selected mailbox cannot "
+		    "be opened again.");
+		return;
+	}
+	cl_recover_step(c);
+}
+
+/* "* SEARCH 12" and "* OK [UIDVALIDITY 3]" during the APPEND check. */
+static void
+cl_recover_line_cb(void *arg, const char *line, size_t len)
+{
+	struct client *c = arg;
+	char buf[128];
+	unsigned long v;
+
+	snprintf(buf, sizeof(buf), "%.*s", (int)(len < 127 ? len : 127), line);
+	if (sscanf(buf, "* OK [UIDVALIDITY %lu]", &v) == 1)
+		c->cl_found_uidvalidity = (uint32_t)v;
+	else if (sscanf(buf, "* SEARCH %lu", &v) == 1)
+		c->cl_found_uid = (uint32_t)v;
+}
+
+/* The Message-ID header of the kept APPEND, quoted for SEARCH, or -1. */
+static int
+cl_append_msgid(struct client *c, char *out, size_t outlen)
+{
+	size_t len = evbuffer_get_length(c->cl_replay);
+	const char *buf = (const char *)evbuffer_pullup(c->cl_replay, -1);
+	const char *hdr, *end, *v;
+	size_t n;
+
+	if (buf == NULL)
+		return -1;
+	/* The message starts after the literal marker's CRLF. */
+	if ((hdr = memmem(buf, len, "}\r\n", 3)) == NULL)
+		return -1;
+	hdr += 3;
+	end = memmem(hdr, len - (size_t)(hdr - buf), "\r\n\r\n", 4);
+	if (end == NULL)
+		end = buf + len;
+	for (v = hdr; v < end; v++) {
+		if ((v == hdr || v[-1] == '\n') && (size_t)(end - v) > 11 &&
+		    strncasecmp(v, "Message-ID:", 11) == 0)
+			break;
+	}
+	if (v >= end)
+		return -1;
+	v += 11;
+	while (v < end && (*v == ' ' || *v == '\t'))
+		v++;
+	for (n = 0; v + n < end && v[n] != '\r' && v[n] != '\n'; n++)
+		if (v[n] == '"' || v[n] == '\\')
+			return -1;
+	if (n == 0 || imap_quote(out, outlen, v, n) < 0)
+		return -1;
+	return 0;
+}
+
+/*
+ * Back on a session after a loss: select the mailbox again, then redo what
+ * cl_recover says.  Each step is one internal command; its callback calls
+ * this again until nothing is left.
+ */
+static void
+cl_recover_step(struct client *c)
+{
+	struct cl_pend *p = cl_inflight_pend(c);
+	struct evbuffer *up = upstream_output(c->cl_up);
+	char cmd[1024], msgid[600];
+	enum cl_redo what = c->cl_recover;
+
+	if (c->cl_select_cmd != NULL && !c->cl_selected) {
+		c->cl_selected = true;
+		if (upstream_command(c->cl_up, c->cl_select_cmd,
+		    cl_recover_done_cb, c) == 0)
+			return;
+	}
+	c->cl_recover = CL_REDO_NONE;
+	if (p == NULL || what == CL_REDO_NONE)
+		goto resume;
+	switch (what) {
+	case CL_REDO_APPEND_EXAMINE:
+		if (cl_append_msgid(c, msgid, sizeof(msgid)) != 0 ||
+		    c->cl_append_mbox == NULL) {
+			cl_pend_unavailable(c, p);
+			break;
+		}
+		/* First look whether the message landed before the loss. */
+		c->cl_recover = CL_REDO_APPEND_SEARCH;
+		c->cl_found_uid = c->cl_found_uidvalidity = 0;
+		snprintf(cmd, sizeof(cmd), "EXAMINE %s", c->cl_append_mbox);
+		c->cl_selected = true;
+		if (upstream_command_lines(c->cl_up, cmd, cl_recover_line_cb,
+		    cl_recover_done_cb, c) != 0)
+			cl_pend_unavailable(c, p);
+		return;
+	case CL_REDO_APPEND_SEARCH:
+		cl_append_msgid(c, msgid, sizeof(msgid));
+		snprintf(cmd, sizeof(cmd), "UID SEARCH HEADER Message-ID %s", msgid);
+		c->cl_recover = CL_REDO_APPEND_DECIDE;
+		if (upstream_command_lines(c->cl_up, cmd, cl_recover_line_cb,
+		    cl_recover_done_cb, c) != 0)
+			cl_pend_unavailable(c, p);
+		return;
+	case CL_REDO_APPEND_DECIDE:
+		/* The client's own mailbox must be selected again after our
+		 * EXAMINE, found or not. */
+		if (c->cl_found_uid != 0) {
+			log_info("client_append_recovered", "id=%llu mailbox=%s "
+			    "result=already-stored uid=%u", (unsigned long long)
+			    c->cl_id, c->cl_name.mailbox, c->cl_found_uid);
+			if (upstream_has_cap(c->cl_up, "UIDPLUS") &&
+			    c->cl_found_uidvalidity != 0) {
+				snprintf(cmd, sizeof(cmd), "OK [APPENDUID %u %u] "
+				    "APPEND completed.", c->cl_found_uidvalidity,
+				    c->cl_found_uid);
+				cl_pend_answer(c, p, cmd);
+			} else
+				cl_pend_answer(c, p, "OK APPEND completed.");
+		} else {
+			log_info("client_append_recovered", "id=%llu mailbox=%s "
+			    "result=sent-again", (unsigned long long)c->cl_id,
+			    c->cl_name.mailbox);
+			c->cl_recover = CL_REDO_SEND;
+		}
+		/* cl_selected stays true: our EXAMINE selected something. */
+		if (c->cl_select_cmd != NULL && upstream_command(c->cl_up,
+		    c->cl_select_cmd, cl_recover_done_cb, c) == 0)
+			return;
+		cl_recover_step(c);
+		return;
+	case CL_REDO_SEND:
+		/* The same bytes, tag and all, on the new session. */
+		evbuffer_add(up, evbuffer_pullup(c->cl_replay, -1),
+		    evbuffer_get_length(c->cl_replay));
+		break;
+	case CL_REDO_IDLE:
+		if (!c->cl_in_idle) {
+			/* DONE had gone out: the IDLE is over. */
+			cl_pend_answer(c, p, "OK IDLE terminated.");
+			break;
+		}
+		c->cl_swallow_cont = true;
+		evbuffer_add_printf(up, "%s IDLE\r\n", p->tag);
+		break;
+	default:
+		break;
+	}
+resume:
+	c->cl_recover_tries = 0;
+	cl_unblock(c);
+}
+
 /* ------------------------------------------------------------ upstream */
 
 static void cl_up_ready(void *arg);
@@ -994,7 +1341,6 @@ static void cl_up_frame(void *arg, const struct imap_frame *fr,
     const struct imap_resp *resp, struct evbuffer *in);
 static void cl_up_lost(void *arg, const char *reason);
 static void cl_up_writable(void *arg);
-static void cl_unblock(struct client *c);
 
 static const struct upstream_cbs cl_up_cbs = {
 	.ready = cl_up_ready,
@@ -1011,7 +1357,11 @@ cl_pool_granted(struct pool_waiter *w, struct upstream *u)
 	c->cl_waiting = false;
 	c->cl_up = u;
 	upstream_set_lessee(u, &cl_up_cbs, c);
-	cl_up_ready(c);
+	c->cl_relay_sync_lit = !upstream_has_cap(u, "LITERAL+");
+	if (c->cl_state == CL_S_AUTH)
+		cl_recover_step(c);	/* back after a loss */
+	else
+		cl_up_ready(c);
 }
 
 static void
@@ -1021,6 +1371,16 @@ cl_pool_failed(struct pool_waiter *w, enum pool_fail why, const char *reason)
 	char msg[700];
 
 	c->cl_waiting = false;
+	if (c->cl_state == CL_S_AUTH) {
+		/* No session to go on with after a loss. */
+		struct cl_pend *p = cl_inflight_pend(c);
+
+		if (p != NULL)
+			cl_pend_unavailable(c, p);
+		cl_close(c, "upstream-lost", "Exchange is not reachable; log "
+		    "in again later.");
+		return;
+	}
 	switch (why) {
 	case POOL_FAIL_AUTH:
 		cl_auth_answer(c, "NO [AUTHENTICATIONFAILED] Exchange refused "
@@ -1069,7 +1429,6 @@ cl_up_ready(void *arg)
 	stats_command(STATS_CMD_LOGIN, util_now_us() - c->cl_login_us);
 	cl_set_state(c, CL_S_AUTH);
 	c->cl_bad_in_row = 0;
-	c->cl_relay_sync_lit = !upstream_has_cap(c->cl_up, "LITERAL+");
 	imap_framer_init(&c->cl_framer, cfg->max_command_bytes,
 	    cfg->max_literal_bytes);
 	cl_caps(c, caps, sizeof(caps));
@@ -1088,12 +1447,44 @@ static void
 cl_up_lost(void *arg, const char *reason)
 {
 	struct client *c = arg;
-	char bye[300];
+	struct cl_pend *p = cl_inflight_pend(c);
 
 	pool_forget(c->cl_up);
 	c->cl_up = NULL;
-	snprintf(bye, sizeof(bye), "Connection to Exchange lost: %s.", reason);
-	cl_close(c, "upstream-lost", bye);
+	c->cl_selected = false;
+	stats_login_retry(STATS_RETRY_LOST);
+	log_info("client_upstream_lost", "id=%llu mailbox=%s reason=\"%s\" "
+	    "in_flight=%s", (unsigned long long)c->cl_id, c->cl_name.mailbox,
+	    reason, p != NULL ? p->tag : "-");
+	if (++c->cl_recover_tries > CL_RECOVER_TRIES) {
+		cl_close(c, "upstream-lost", "The connection to Exchange was lost.");
+		return;
+	}
+	if (c->cl_cur == CL_CUR_RELAY) {
+		/* The client is still sending this command: keep reading it
+		 * (cl_command_sent takes over), or drop the rest. */
+		if (!c->cl_replay_on) {
+			c->cl_cur = CL_CUR_SWALLOW;
+			if (p != NULL)
+				cl_pend_unavailable(c, p);
+			cl_reattach(c);
+		}
+		return;
+	}
+	c->cl_recover = CL_REDO_NONE;
+	if (p != NULL) {
+		if (p->rerun == CL_RERUN_IDLE)
+			c->cl_recover = CL_REDO_IDLE;
+		else if (c->cl_replay_on && p->rerun == CL_RERUN_APPEND)
+			c->cl_recover = CL_REDO_APPEND_EXAMINE;
+		else if (c->cl_replay_on && p->rerun == CL_RERUN_READONLY &&
+		    !p->replied)
+			c->cl_recover = CL_REDO_SEND;
+		else
+			cl_pend_unavailable(c, p);
+	}
+	if (c->cl_state == CL_S_AUTH)
+		cl_reattach(c);
 }
 
 /* Read on once whatever blocked reading is gone (see cl_read_cb). */
@@ -1165,8 +1556,10 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 	struct cl_pend *p = NULL;
 
 	if (resp != NULL && resp->kind == IMAP_RESP_CONTINUATION &&
-	    !c->cl_in_idle && !c->cl_relay_sync_lit) {
-		/* Nobody asked for it: literals go upstream as LITERAL+. */
+	    ((!c->cl_in_idle && !c->cl_relay_sync_lit) || c->cl_swallow_cont)) {
+		/* Nobody asked for it (literals go upstream as LITERAL+), or
+		 * the client had its "+" before we had to IDLE again. */
+		c->cl_swallow_cont = false;
 		evbuffer_drain(in, fr->len);
 		return;
 	}
@@ -1184,15 +1577,28 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 		}
 	}
 	c->cl_bytes_out += fr->len;
+	if (p == NULL && c->cl_inflight > 0)
+		cl_inflight_pend(c)->replied = true;
 	if (protolog_enabled())
 		cl_plog_response(c, p, resp, fr);
 	evbuffer_remove_buffer(in, out, fr->len);
 	if (p != NULL) {
 		/* A failed SELECT leaves no mailbox selected (RFC 3501 6.3.1). */
-		if (p->selects > 0)
+		if (p->selects > 0) {
 			c->cl_selected = resp->status == IMAP_ST_OK;
-		else if (p->selects < 0 && resp->status == IMAP_ST_OK)
+			free(c->cl_select_cmd);
+			c->cl_select_cmd = NULL;
+			if (c->cl_selected) {
+				c->cl_select_cmd = p->select_cmd;
+				p->select_cmd = NULL;
+			}
+		} else if (p->selects < 0 && resp->status == IMAP_ST_OK) {
 			c->cl_selected = false;
+			free(c->cl_select_cmd);
+			c->cl_select_cmd = NULL;
+		}
+		c->cl_replay_on = false;
+		c->cl_recover_tries = 0;
 		stats_command(p->stat_cmd, util_now_us() - p->started_us);
 		p->done = true;
 		c->cl_inflight--;
@@ -1205,27 +1611,69 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 
 /* ------------------------------------------------------------- relaying */
 
+/* Keep bytes of the in-flight command while it may have to be sent again;
+ * past cl_replay_max it cannot be, and the copy is dropped. */
+static void
+cl_keep(struct client *c, const char *data, size_t len)
+{
+	if (!c->cl_replay_on)
+		return;
+	if (evbuffer_get_length(c->cl_replay) + len > c->cl_replay_max) {
+		c->cl_replay_on = false;
+		evbuffer_drain(c->cl_replay, evbuffer_get_length(c->cl_replay));
+		return;
+	}
+	evbuffer_add(c->cl_replay, data, len);
+}
+
+/* Move len bytes of the command being read from in to the upstream (or,
+ * while detached, only to the copy kept for a re-run). */
+static void
+cl_emit(struct client *c, struct evbuffer *in, size_t len)
+{
+	c->cl_bytes_in += len;
+	if (c->cl_cur_pend != NULL)
+		c->cl_cur_pend->rq += len;
+	/* Lines and literal frames lie in input's first chunk: no copy. */
+	if (c->cl_replay_on)
+		cl_keep(c, (const char *)evbuffer_pullup(in, (ev_ssize_t)len), len);
+	if (c->cl_up != NULL)
+		evbuffer_remove_buffer(in, upstream_output(c->cl_up), len);
+	else
+		evbuffer_drain(in, len);
+}
+
+static void
+cl_emit_text(struct client *c, const char *s, size_t len)
+{
+	cl_keep(c, s, len);
+	if (c->cl_up != NULL)
+		evbuffer_add(upstream_output(c->cl_up), s, len);
+}
+
 /* Forward one command line, turning a synchronizing literal into LITERAL+
  * (imapshim sent the client its "+" already). */
 static void
 cl_forward_line(struct client *c, const struct imap_frame *fr,
     const char *line, struct evbuffer *in)
 {
-	struct evbuffer *up = upstream_output(c->cl_up);
+	char marker[32];
+	int n;
 
-	c->cl_bytes_in += fr->len;
-	if (c->cl_cur_pend != NULL)
-		c->cl_cur_pend->rq += fr->len;
 	if (fr->has_lit && !fr->lit_nonsync && !c->cl_relay_sync_lit &&
 	    line[fr->marker_off] == '{') {
-		evbuffer_add(up, line, fr->marker_off);
-		evbuffer_add_printf(up, "{%llu+}\r\n",
+		n = snprintf(marker, sizeof(marker), "{%llu+}\r\n",
 		    (unsigned long long)fr->lit_size);
+		cl_emit_text(c, line, fr->marker_off);
+		cl_emit_text(c, marker, (size_t)n);
+		c->cl_bytes_in += fr->len;
+		if (c->cl_cur_pend != NULL)
+			c->cl_cur_pend->rq += fr->len;
 		evbuffer_drain(in, fr->len);
 		cl_printf(c, "+ Ready for literal data.\r\n");
 		return;
 	}
-	evbuffer_remove_buffer(in, up, fr->len);
+	cl_emit(c, in, fr->len);
 }
 
 /*
@@ -1238,7 +1686,9 @@ cl_poison_current(struct client *c, const char *reply)
 {
 	char buf[512];
 
-	evbuffer_add(upstream_output(c->cl_up), " \"\r\n", 4);
+	if (c->cl_up != NULL)
+		evbuffer_add(upstream_output(c->cl_up), " \"\r\n", 4);
+	c->cl_replay_on = false;
 	if (c->cl_cur_pend != NULL) {
 		snprintf(buf, sizeof(buf), "%s %s\r\n", c->cl_cur_pend->tag, reply);
 		free(c->cl_cur_pend->reply);
@@ -1295,6 +1745,7 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 		c->cl_in_idle = false;
 		c->cl_bytes_in += fr->len;
 		evbuffer_remove_buffer(in, upstream_output(c->cl_up), fr->len);
+		c->cl_replay_on = false;
 		return;
 	}
 	if (imap_parse_command_head(line, fr->text_len, &tag, &cmd) != 0 ||
@@ -1336,8 +1787,11 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 	    cmd.p);
 	if (imap_tok_is(&cmd, "IDLE") && fr->last)
 		c->cl_in_idle = true;
+	cl_prepare_rerun(c, c->cl_cur_pend, line, fr->text_len, &cmd);
+	c->cl_cur = CL_CUR_RELAY;
 	cl_forward_line(c, fr, line, in);
-	c->cl_cur = fr->last ? CL_CUR_NONE : CL_CUR_RELAY;
+	if (fr->last)
+		cl_command_sent(c);
 }
 
 static void
@@ -1361,12 +1815,9 @@ cl_auth_frame(struct client *c, const struct imap_frame *fr, const char *line,
 			c->cl_cur = CL_CUR_NONE;
 		return;
 	case IMAP_FR_LITERAL:
-		if (c->cl_cur == CL_CUR_RELAY) {
-			c->cl_bytes_in += fr->len;
-			if (c->cl_cur_pend != NULL)
-				c->cl_cur_pend->rq += fr->len;
-			evbuffer_remove_buffer(in, upstream_output(c->cl_up), fr->len);
-		} else
+		if (c->cl_cur == CL_CUR_RELAY)
+			cl_emit(c, in, fr->len);
+		else
 			evbuffer_drain(in, fr->len);
 		return;
 	case IMAP_FR_LINE:
@@ -1393,7 +1844,7 @@ cl_auth_frame(struct client *c, const struct imap_frame *fr, const char *line,
 	}
 	cl_forward_line(c, fr, line, in);
 	if (fr->last)
-		c->cl_cur = CL_CUR_NONE;
+		cl_command_sent(c);
 }
 
 /* ------------------------------------------------------------ callbacks */
@@ -1413,7 +1864,11 @@ cl_read_cb(struct bufferevent *bev, void *arg)
 		if ((c->cl_state != CL_S_NOTAUTH && c->cl_state != CL_S_SASL &&
 		    c->cl_state != CL_S_AUTH) || c->cl_logout)
 			return;
-		if (c->cl_state == CL_S_AUTH && (c->cl_up == NULL ||
+		if (c->cl_state == CL_S_AUTH && c->cl_up == NULL &&
+		    c->cl_cur == CL_CUR_RELAY) {
+			/* Detached while the client sends a command we keep:
+			 * read the rest of it (cl_command_sent reattaches). */
+		} else if (c->cl_state == CL_S_AUTH && (c->cl_up == NULL ||
 		    upstream_output_full(c->cl_up) ||
 		    c->cl_pend_len >= CL_MAX_PENDING ||
 		    (c->cl_inflight > 0 && c->cl_cur == CL_CUR_NONE &&

@@ -24,6 +24,7 @@
 #include "pool.h"
 #include "protolog.h"
 #include "reap.h"
+#include "status.h"
 #include "tls.h"
 #include "upstream.h"
 #include "util.h"
@@ -158,6 +159,7 @@ main_reload(void)
 	listener_set_config(cfg);
 	pool_default_env(main_base, main_env.dns, uctx);
 	pool_set_config(cfg);
+	status_set_config(cfg);
 	config_free(main_cfg);
 	main_cfg = cfg;
 	lvl = cfg->log_level;
@@ -209,6 +211,7 @@ main_signal_cb(evutil_socket_t sig, short what, void *arg)
 			break;
 		}
 		main_draining = true;
+		status_stop();
 		log_info("shutdown", "signal=%d clients=%u drain_timeout_ms=%llu",
 		    (int)sig, client_count(),
 		    (unsigned long long)main_cfg->drain_timeout_ms);
@@ -328,6 +331,8 @@ main(int argc, char **argv)
 	pool_init(main_cfg, &pool_default_ops);
 	if (listener_start(main_base, main_cfg, err, sizeof(err)) != 0)
 		log_fatal("start", "reason=\"%s\"", err);
+	if (status_start(main_base, main_cfg, err, sizeof(err)) != 0)
+		log_fatal("start", "reason=\"%s\"", err);
 	if (main_cfg->user != NULL && main_drop_privileges(main_cfg->user) != 0)
 		log_fatal("start", "reason=\"cannot switch to user %s\"",
 		    main_cfg->user);
@@ -352,6 +357,7 @@ main(int argc, char **argv)
 		event_free(sigs[i]);
 	event_free(main_drain_ev);
 	listener_stop();
+	status_stop();
 	evdns_base_free(main_env.dns, 0);
 	tls_ctx_free(main_env.server_ctx);
 	tls_ctx_free(main_env.upstream_ctx);

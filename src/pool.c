@@ -35,6 +35,7 @@
 #include "auth.h"
 #include "config.h"
 #include "log.h"
+#include "retry.h"
 #include "stats.h"
 #include "util.h"
 
@@ -195,22 +196,17 @@ up_hash(const struct upstream *u)
 	return (unsigned)((p >> 4) ^ (p >> 16)) % POOL_UP_BUCKETS;
 }
 
-/* ASCII case-insensitive substring test. */
-static bool
-contains_ci(const char *hay, const char *needle)
+static uint64_t
+bit(size_t i)
 {
-	size_t n = strlen(needle), i;
+	return i < 64 ? (uint64_t)1 << i : 0;
+}
 
-	if (n == 0)
-		return false;
-	for (; *hay != '\0'; hay++) {
-		for (i = 0; i < n && hay[i] != '\0' &&
-		    lower(hay[i]) == lower(needle[i]); i++)
-			;
-		if (i == n)
-			return true;
-	}
-	return false;
+/* The {domain} a login for w uses upstream (and the negative cache key). */
+static const char *
+waiter_domain(const struct pool_waiter *w)
+{
+	return P.cfg->domain != NULL ? P.cfg->domain : w->pw_domain;
 }
 
 static const char *
@@ -530,39 +526,148 @@ entry_handoff(struct pool_entry *e, struct pool_waiter *w, bool reused)
 	pool_kick();
 }
 
+/* Admin j may log in for w: it has not refused w's mailbox, and it is
+ * not quarantined unless every admin account is. */
+static bool
+admin_eligible(const struct pool_waiter *w, size_t j, bool any_usable,
+    uint64_t now)
+{
+	if (w != NULL && (w->pw_admins_refused & bit(j)) != 0)
+		return false;
+	return !any_usable || retry_admin_usable(j, now);
+}
+
+static bool
+admins_any_usable(uint64_t now)
+{
+	size_t j;
+
+	for (j = 0; j < P.n_admins; j++)
+		if (retry_admin_usable(j, now))
+			return true;
+	return false;
+}
+
+/* Most logins one request may cost, whatever the mix of failures. */
+static unsigned
+waiter_attempt_cap(void)
+{
+	return P.cfg->login_attempts + (unsigned)P.cfg->n_servers +
+	    (unsigned)(P.n_admins < 64 ? P.n_admins : 64);
+}
+
 /*
- * A new login for w failed before ready.  Kept in one place so that
- * retry.c (backoff, retry classes, server health) can replace it.
+ * A new login failed before ready (w: the waiter it was for, or NULL when
+ * that one left).  Kept in one function: retry.c classifies, this applies.
+ *
+ *   RETRY_SERVER  the server is at fault: its health counts the failure;
+ *                 w retries on a server that has not failed it, after a
+ *                 backoff, until every server failed it (or those left
+ *                 are down): POOL_FAIL_UNAVAILABLE with the last reason.
+ *   RETRY_LOGIN   transient refusal: the admin's record counts it; w
+ *                 retries on a fresh connection, another server and admin
+ *                 where possible, after a backoff, login_attempts tries in
+ *                 all: then POOL_FAIL_UNAVAILABLE.
+ *   RETRY_FINAL   the mailbox was refused: w retries at once with an
+ *                 admin that has not refused it; when none is left,
+ *                 POOL_FAIL_AUTH and the negative cache.  It counts
+ *                 towards the slowdown only; towards the admin's
+ *                 quarantine once another admin logs in for w.
+ *
+ * Only changes state and asks for a tick: we are inside an upstream
+ * callback.
  */
 static void
 pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
     enum up_fail why, const char *reason)
 {
 	const struct config *cfg = P.cfg;
-	char mb[80];
+	const struct pool_admin *a = e->pe_admin;
+	size_t ai = a->pa_removed ? (size_t)-1 : a->pa_index;
+	struct retry_verdict v;
+	uint64_t now = pool_now(), delay = 0;
+	const char *end = NULL;
+	enum pool_fail fail = POOL_FAIL_UNAVAILABLE;
+	char mb[80], rv[300];
 	size_t i;
 
-	if (why == UP_FAIL_LOGIN) {
-		for (i = 0; i < cfg->n_transient_login_patterns; i++)
-			if (contains_ci(reason,
-			    cfg->transient_login_patterns[i])) {
-				waiter_fail(w, POOL_FAIL_UNAVAILABLE, reason);
-				return;
-			}
-		waiter_fail(w, POOL_FAIL_AUTH, reason);
+	retry_classify(cfg, why, reason, &v);
+	switch (v.rv_class) {
+	case RETRY_SERVER:
+		retry_server_failed(e->pe_server, reason, now);
+		break;
+	case RETRY_LOGIN:
+		/* The server answered: as an endpoint it works. */
+		retry_server_ok(e->pe_server);
+		retry_admin_result(ai, false, now);
+		break;
+	case RETRY_FINAL:
+	default:
+		retry_server_ok(e->pe_server);
+		retry_admin_refused(ai, now);
+		break;
+	}
+	if (w == NULL)
+		return;
+	snprintf(w->pw_reason, sizeof(w->pw_reason), "%s", reason);
+	switch (v.rv_class) {
+	case RETRY_SERVER:
+		w->pw_servers_failed |= bit(e->pe_server);
+		for (i = 0; i < cfg->n_servers && i < 64; i++)
+			if ((w->pw_servers_failed & bit(i)) == 0)
+				break;
+		if (i == cfg->n_servers || i == 64)
+			end = "every server failed";
+		delay = retry_backoff_ms(cfg, w->pw_attempts, retry_rand());
+		break;
+	case RETRY_LOGIN:
+		if (w->pw_attempts >= cfg->login_attempts)
+			end = "login attempts spent";
+		delay = retry_backoff_ms(cfg, w->pw_attempts, retry_rand());
+		break;
+	case RETRY_FINAL:
+	default: {
+		bool any = admins_any_usable(now);
+
+		w->pw_admins_refused |= bit(ai);
+		for (i = 0; i < P.n_admins; i++)
+			if (admin_eligible(w, i, any, now))
+				break;
+		if (i == P.n_admins) {
+			end = "refused with every admin account";
+			fail = POOL_FAIL_AUTH;
+			retry_negcache_add(waiter_domain(w), w->pw_mailbox, now);
+		}
+		break;
+	}
+	}
+	if (end == NULL && w->pw_attempts >= waiter_attempt_cap())
+		end = "too many attempts";
+	if (end != NULL) {
+		log_info("pool_login_failed", "entry=%llu mailbox=%s admin=%s "
+		    "server=%s:%s class=%s label=%s attempts=%u end=\"%s\" "
+		    "reason=%s", (unsigned long long)e->pe_id,
+		    lv(mb, sizeof(mb), w->pw_mailbox), a->pa_name,
+		    cfg->servers[e->pe_server].host,
+		    cfg->servers[e->pe_server].port,
+		    v.rv_class == RETRY_SERVER ? "server" :
+		    v.rv_class == RETRY_LOGIN ? "login" : "final", v.rv_label,
+		    w->pw_attempts, end, lv(rv, sizeof(rv), reason));
+		waiter_fail(w, fail, w->pw_reason);
 		return;
 	}
-	snprintf(w->pw_reason, sizeof(w->pw_reason), "%s", reason);
-	if (w->pw_next_server < cfg->n_servers) {
-		char rv[300];
-
-		log_info("pool_failover", "entry=%llu mailbox=%s server=%zu "
-		    "next_server=%zu reason=%s", (unsigned long long)e->pe_id,
-		    lv(mb, sizeof(mb), w->pw_mailbox), e->pe_server,
-		    w->pw_next_server, lv(rv, sizeof(rv), reason));
-		return;		/* stays queued; serve opens the next server */
-	}
-	waiter_fail(w, POOL_FAIL_UNAVAILABLE, w->pw_reason);
+	stats_login_retry(v.rv_reason);
+	w->pw_not_before_ms = now + delay;
+	log_info("pool_retry", "entry=%llu mailbox=%s admin=%s server=%s:%s "
+	    "class=%s label=%s attempt=%u backoff_ms=%llu reason=%s",
+	    (unsigned long long)e->pe_id, lv(mb, sizeof(mb), w->pw_mailbox),
+	    a->pa_name, cfg->servers[e->pe_server].host,
+	    cfg->servers[e->pe_server].port,
+	    v.rv_class == RETRY_SERVER ? "server" :
+	    v.rv_class == RETRY_LOGIN ? "login" : "final", v.rv_label,
+	    w->pw_attempts, (unsigned long long)delay,
+	    lv(rv, sizeof(rv), reason));
+	pool_kick();		/* stays queued; serve_open opens the next */
 }
 
 /* ------------------------------------------------------------ upstream callbacks */
@@ -578,6 +683,20 @@ pool_up_ready_cb(void *arg)
 	P.logins_ok++;
 	stats_upstream_login(STATS_LOGIN_OK);
 	w = e->pe_waiter;
+	retry_server_ok(e->pe_server);
+	if (!e->pe_admin->pa_removed) {
+		uint64_t now = pool_now();
+		size_t i;
+
+		/* Admins that refused this mailbox while this one did not:
+		 * the refusal was the account's, not the mailbox's. */
+		if (w != NULL)
+			for (i = 0; i < P.n_admins && i < 64; i++)
+				if ((w->pw_admins_refused & bit(i)) != 0 &&
+				    i != e->pe_admin->pa_index)
+					retry_admin_result(i, false, now);
+		retry_admin_result(e->pe_admin->pa_index, true, now);
+	}
 	if (w == NULL) {
 		/* Its waiter left: the first one queued for this mailbox that
 		 * has nothing on the way (or only a login) takes it. */
@@ -701,16 +820,27 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	struct pool_admin *best = NULL, *a;
 	struct pool_entry *e;
 	struct upstream *u;
-	uint64_t tok_at = UINT64_MAX;
-	bool room = false;
+	uint64_t tok_at = UINT64_MAX, nb;
+	bool room = false, any, best_new = false, is_new;
 	size_t i, j, bi = 0, server;
 	char mb[80];
 
 	if (P.total >= cfg->session_budget || P.n_admins == 0)
 		return OPEN_NO_ROOM;
+	/* Every account keeps failing: new logins are spaced out. */
+	if ((nb = retry_login_not_before(now)) > now) {
+		if (nb < *next)
+			*next = nb;
+		return OPEN_NO_TOKEN;
+	}
+	/* Not quarantined (unless all are), not refused for this mailbox;
+	 * an account not yet tried for w first, then the most free. */
+	any = admins_any_usable(now);
 	for (i = 0; i < P.n_admins; i++) {
 		j = (P.rr + i) % P.n_admins;
 		a = P.admins[j];
+		if (!admin_eligible(w, j, any, now))
+			continue;
 		if (a->pa_sessions >= a->pa_max)
 			continue;
 		room = true;
@@ -721,10 +851,13 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 				tok_at = t;
 			continue;
 		}
-		if (best == NULL ||
-		    a->pa_max - a->pa_sessions > best->pa_max - best->pa_sessions) {
+		is_new = (w->pw_admins_tried & bit(j)) == 0;
+		if (best == NULL || (is_new && !best_new) ||
+		    (is_new == best_new && a->pa_max - a->pa_sessions >
+		    best->pa_max - best->pa_sessions)) {
 			best = a;
 			bi = j;
+			best_new = is_new;
 		}
 	}
 	if (!room)
@@ -734,9 +867,42 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 			*next = tok_at;
 		return OPEN_NO_TOKEN;
 	}
+	/* The server: the first one up; on a retry, not one that failed
+	 * w, and not the last one where another will do. */
+	if (w->pw_attempts == 0)
+		/* retry_server_pick(now, -1) without its last resort (a
+		 * server still in its cooldown): wait for the probe then. */
+		server = retry_server_pick_except(now, 0);
+	else {
+		server = (size_t)-1;
+		if (w->pw_last_server != (size_t)-1)
+			server = retry_server_pick_except(now,
+			    w->pw_servers_failed | bit(w->pw_last_server));
+		if (server == (size_t)-1)
+			server = retry_server_pick_except(now,
+			    w->pw_servers_failed);
+	}
+	if (server >= cfg->n_servers) {
+		char rv[300];
+
+		/* A probe is under way: its answer decides. */
+		for (i = 0; i < cfg->n_servers; i++)
+			if ((w->pw_servers_failed & bit(i)) == 0 &&
+			    retry_server_probing(i, now))
+				return OPEN_NO_TOKEN;
+
+		log_info("pool_no_server", "mailbox=%s attempts=%u reason=%s",
+		    lv(mb, sizeof(mb), w->pw_mailbox), w->pw_attempts,
+		    lv(rv, sizeof(rv), w->pw_reason));
+		waiter_fail(w, POOL_FAIL_UNAVAILABLE, w->pw_reason[0] != '\0' ?
+		    w->pw_reason : "no upstream server is usable");
+		return OPEN_FAILED;
+	}
 	P.rr = bi + 1;
 	best->pa_tokens_m -= 1000;
-	server = w->pw_next_server < cfg->n_servers ? w->pw_next_server : 0;
+	w->pw_attempts++;
+	w->pw_admins_tried |= bit(bi);
+	w->pw_last_server = server;
 
 	e = xcalloc(1, sizeof(*e));
 	e->pe_id = ++P.next_id;
@@ -802,6 +968,22 @@ serve_evict(const struct pool_waiter *w)
 	return true;
 }
 
+/* Every server is down: w fails at once, with the most recent reason. */
+static void
+fail_all_down(struct pool_waiter *w)
+{
+	const char *last = "";
+	char buf[sizeof(w->pw_reason)];
+	size_t i;
+
+	for (i = 0; i < P.cfg->n_servers; i++)
+		if (*(last = retry_server_last_failure(i)) != '\0')
+			break;
+	snprintf(buf, sizeof(buf), "every upstream server is down (%s)",
+	    *last != '\0' ? last : "no reason known");
+	waiter_fail(w, POOL_FAIL_UNAVAILABLE, buf);
+}
+
 /*
  * Serve the queue in order: a pooled session of the waiter's mailbox, else
  * a new login (strictly FIFO: none for a later waiter while an earlier one
@@ -822,6 +1004,16 @@ serve_queue(uint64_t now, uint64_t *next)
 			continue;
 		if (serve_from_idle(w) || w->pw_entry != NULL)
 			continue;
+		if (retry_all_servers_down(now)) {
+			fail_all_down(w);
+			continue;
+		}
+		/* Backing off after a failed login: not in anyone's way. */
+		if (w->pw_not_before_ms > now) {
+			if (w->pw_not_before_ms < *next)
+				*next = w->pw_not_before_ms;
+			continue;
+		}
 		if (!blocked) {
 			enum open_result r = serve_open(w, now, next);
 
@@ -1035,6 +1227,7 @@ pool_init(const struct config *cfg, const struct pool_ops *ops)
 	TAILQ_INIT(&P.deliver);
 	P.init = true;
 	pool_build_admins(cfg);
+	retry_configure(cfg);
 }
 
 void
@@ -1048,6 +1241,7 @@ pool_set_config(const struct config *cfg)
 		return;
 	P.cfg = cfg;
 	pool_build_admins(cfg);
+	retry_configure(cfg);
 	cap = (uint64_t)admin_burst() * 1000;
 	for (i = 0; i < P.n_admins; i++)
 		if (P.admins[i]->pa_tokens_m > cap)
@@ -1109,6 +1303,7 @@ pool_shutdown(void)
 		event_free(D.timer);
 		D.timer = NULL;
 	}
+	retry_shutdown();
 	log_info("pool_shutdown", "sessions=%u", P.total);
 }
 
@@ -1125,10 +1320,26 @@ pool_acquire(struct pool_waiter *w)
 	w->pw_entry = NULL;
 	w->pw_next_server = 0;
 	w->pw_reason[0] = '\0';
+	w->pw_attempts = 0;
+	w->pw_servers_failed = 0;
+	w->pw_admins_tried = 0;
+	w->pw_admins_refused = 0;
+	w->pw_last_server = (size_t)-1;
+	w->pw_not_before_ms = 0;
 	w->pw_state = PW_QUEUED;
 	w->pw_queued = true;
 	TAILQ_INSERT_TAIL(&P.queue, w, pw_link);
 	P.n_queued++;
+	/* Refused recently: answered from the cache, without a login. */
+	if (retry_negcache_hit(waiter_domain(w), w->pw_mailbox, now)) {
+		char mb[80];
+
+		log_info("pool_negcache_hit", "mailbox=%s",
+		    lv(mb, sizeof(mb), w->pw_mailbox));
+		waiter_fail(w, POOL_FAIL_AUTH, "this mailbox was refused "
+		    "recently (negative cache)");
+		return;
+	}
 	pool_kick();
 }
 

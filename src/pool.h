@@ -70,6 +70,14 @@ struct pool_waiter {
 	size_t pw_next_server;		/* failover: next index into servers */
 	enum pool_fail pw_fail_why;	/* result pending: the failure */
 	char pw_reason[256];		/* its reason (last server failure) */
+	/* Retries (retry.c), for this pool_acquire() only.  Bit i stands
+	 * for index i of cfg->servers / cfg->admins (up to 64). */
+	unsigned pw_attempts;		/* logins started for it */
+	uint64_t pw_servers_failed;	/* servers that failed it (RETRY_SERVER) */
+	uint64_t pw_admins_tried;	/* admins a login was started with */
+	uint64_t pw_admins_refused;	/* admins that refused it (RETRY_FINAL) */
+	size_t pw_last_server;		/* of its last login, or (size_t)-1 */
+	uint64_t pw_not_before_ms;	/* backoff: no new login before */
 };
 
 /*
@@ -107,7 +115,8 @@ extern const struct pool_ops pool_default_ops;
 void pool_default_env(struct event_base *base, struct evdns_base *dns,
     SSL_CTX *upstream_ctx);
 
-/* cfg may be replaced later by pool_set_config (reload). */
+/* cfg may be replaced later by pool_set_config (reload).  Both call
+ * retry_configure(cfg); pool_shutdown() calls retry_shutdown(). */
 void pool_init(const struct config *cfg, const struct pool_ops *ops);
 void pool_set_config(const struct config *cfg);
 /* Drop the waiters (no callbacks), close every session not leased (a leased
@@ -116,7 +125,16 @@ void pool_set_config(const struct config *cfg);
  * upstream_free_all() may run after this. */
 void pool_shutdown(void);
 
-/* Queue w for a session of w->pw_mailbox.  Never calls back synchronously. */
+/*
+ * Queue w for a session of w->pw_mailbox.  Never calls back synchronously.
+ * A mailbox in retry.c's negative cache fails with POOL_FAIL_AUTH (from
+ * the next tick).  Failed logins are retried per DESIGN.md 3.5 (see
+ * pool_login_failed in pool.c): w fails with POOL_FAIL_UNAVAILABLE when
+ * every server failed for it, every server is down, or login_attempts
+ * transient refusals are spent; with POOL_FAIL_AUTH when every usable
+ * admin account refused the mailbox; with POOL_FAIL_TIMEOUT at
+ * queue_timeout.
+ */
 void pool_acquire(struct pool_waiter *w);
 /* Forget a queued waiter (client gone); a login started for it is kept
  * for the pool if it succeeds. */

@@ -62,27 +62,80 @@ void retry_configure(const struct config *cfg);
  * probe).  skip: a server to avoid if any other is usable (the one that
  * just failed), or (size_t)-1. */
 size_t retry_server_pick(uint64_t now_ms, size_t skip);
+/* Addition: the first server in list order that is up and whose bit is
+ * not set in avoid (bit i = server i; servers from index 64 on cannot be
+ * avoided), else such a server whose cooldown has ended (a probe), else
+ * (size_t)-1: none of the others is usable at now.
+ * Both pickers start a probe when they return a down server whose
+ * cooldown has ended: until that probe reports (retry_server_ok or
+ * retry_server_failed) or another server_cooldown passes, the server is
+ * not offered again, so one probe at a time reaches a down server. */
+size_t retry_server_pick_except(uint64_t now_ms, uint64_t avoid);
 void retry_server_failed(size_t server, const char *reason, uint64_t now_ms);
 void retry_server_ok(size_t server);
 bool retry_server_up(size_t server, uint64_t now_ms);
 /* Last failure reason ("" if none) and consecutive failures. */
 const char *retry_server_last_failure(size_t server);
 unsigned retry_server_failures(size_t server);
-/* True when every server is down at now (a waiter then fails at once). */
+/* Addition: true while a probe of this (down) server is under way. */
+bool retry_server_probing(size_t server, uint64_t now_ms);
+/* True when every server is down at now, none may be probed (each in its
+ * cooldown) and no probe is under way: a waiter then fails at once.
+ * (retry_server_up() is false from the threshold until a probe succeeds,
+ * for imapshim_server_up; this one is false as soon as a probe may go.) */
 bool retry_all_servers_down(uint64_t now_ms);
 
-/* ---- admin quarantine (index into cfg->admins) */
+/* ---- admin quarantine (index into cfg->admins)
+ *
+ * Quarantine rule: an admin account is quarantined for admin_cooldown
+ * when it has RETRY_ADMIN_QUARANTINE_FAILS or more failed logins in a row
+ * (retry_admin_result(false), no success of its own in between) and some
+ * other admin account had a successful login since this account's run of
+ * failures began, less than admin_cooldown ago.  Logged at warn once per
+ * quarantine; its next success is logged at info.  When the cooldown
+ * ends the account is usable again; its run of failures is kept, so one
+ * more failure (while others succeed) quarantines it again at once.
+ *
+ * Slowdown rule: login failures of every account (retry_admin_result
+ * false and retry_admin_refused) are counted in a row, reset by any
+ * successful login.  From max(RETRY_SLOW_AFTER, number of admins) failures
+ * on, each failure sets the earliest next login to failure time +
+ * backoff(k) (k = 1, 2, ...: backoff_initial doubling to backoff_max, with
+ * jitter), so an ini with a wrong password gives a few logins at first,
+ * then at most about one per backoff_max/2, however many clients ask.
+ */
+#define RETRY_ADMIN_QUARANTINE_FAILS 3
+#define RETRY_SLOW_AFTER 3
 void retry_admin_result(size_t admin, bool ok, uint64_t now_ms);
+/* Addition: a final refusal (RETRY_FINAL) with admin.  The mailbox may be
+ * at fault rather than the account, so it counts only towards the
+ * all-accounts slowdown, not towards the account's quarantine (the pool
+ * reports it through retry_admin_result(false) once another account
+ * succeeded for the same mailbox). */
+void retry_admin_refused(size_t admin, uint64_t now_ms);
 bool retry_admin_usable(size_t admin, uint64_t now_ms);
 bool retry_admin_quarantined(size_t admin, uint64_t now_ms);
 /* When every admin keeps failing, new logins slow down: the earliest time
  * the next new login may start (now_ms when there is no slowdown). */
 uint64_t retry_login_not_before(uint64_t now_ms);
 
-/* ---- negative cache of refused mailboxes */
+/* ---- negative cache of refused mailboxes: keyed by (domain, mailbox),
+ * ASCII case-insensitive; entries live negative_cache_ttl (0: no cache);
+ * beyond RETRY_NEGCACHE_MAX entries the oldest is dropped. */
+#define RETRY_NEGCACHE_MAX 10000
 void retry_negcache_add(const char *domain, const char *mailbox, uint64_t now_ms);
 bool retry_negcache_hit(const char *domain, const char *mailbox, uint64_t now_ms);
 
+/* Entries in the negative cache (expired ones may still count). */
+size_t retry_negcache_size(void);
+
+/* Addition: a 32-bit random number for retry_backoff_ms() (xorshift,
+ * seeded from the clock at the first retry_configure; not for secrets).
+ * retry_seed: tests only. */
+uint32_t retry_rand(void);
+void retry_seed(uint32_t seed);
+
+/* Forget all state (servers, admins, slowdown, negative cache). */
 void retry_shutdown(void);
 
 #endif

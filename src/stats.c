@@ -23,7 +23,7 @@ const char *const stats_login_result_names[STATS_LOGIN_COUNT] = {
 
 const char *const stats_retry_reason_names[STATS_RETRY_COUNT] = {
 	"connect", "tls", "certificate", "greeting", "timeout",
-	"login_transient", "lost",
+	"login_transient", "login_refused", "protocol", "lost",
 };
 
 static struct stats_snapshot st;

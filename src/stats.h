@@ -30,6 +30,8 @@ enum stats_retry_reason {
 	STATS_RETRY_GREETING,	/* BYE greeting, "Connection is closed. NN" */
 	STATS_RETRY_TIMEOUT,
 	STATS_RETRY_LOGIN_TRANSIENT,	/* NO LOGIN failed, ProxyNotAuthenticated... */
+	STATS_RETRY_LOGIN_REFUSED,	/* final refusal, tried with another admin */
+	STATS_RETRY_PROTOCOL,	/* unparseable or unexpected reply */
 	STATS_RETRY_LOST,	/* upstream lost mid-session, command re-run */
 	STATS_RETRY_COUNT
 };

@@ -73,6 +73,7 @@ struct upstream {
 	void *up_free_arg;
 	/* internal command in flight (upstream_command) */
 	void (*up_cmd_done)(void *arg, bool ok);
+	void (*up_cmd_line)(void *arg, const char *line, size_t len);
 	void *up_cmd_arg;
 	struct reap_entry up_reap;
 	TAILQ_ENTRY(upstream) up_link;
@@ -247,10 +248,19 @@ int
 upstream_command(struct upstream *u, const char *cmd,
     void (*done)(void *arg, bool ok), void *arg)
 {
+	return upstream_command_lines(u, cmd, NULL, done, arg);
+}
+
+int
+upstream_command_lines(struct upstream *u, const char *cmd,
+    void (*line)(void *arg, const char *text, size_t len),
+    void (*done)(void *arg, bool ok), void *arg)
+{
 	if (u->up_closing || u->up_state != UP_S_READY || u->up_cmd_done != NULL ||
 	    !imap_framer_at_boundary(&u->up_framer))
 		return -1;
 	u->up_cmd_done = done;
+	u->up_cmd_line = line;
 	u->up_cmd_arg = arg;
 	up_send(u, cmd);
 	log_debug("upstream_send", "up=%llu tag=%s command=\"%s\"",
@@ -552,6 +562,9 @@ up_ready_frame(struct upstream *u, const struct imap_frame *fr,
 		bool mine = rp != NULL && r.kind == IMAP_RESP_TAGGED &&
 		    util_ieqn(r.tag.p, r.tag.len, u->up_tag);
 
+		if (rp != NULL && r.kind == IMAP_RESP_UNTAGGED &&
+		    u->up_cmd_line != NULL)
+			u->up_cmd_line(u->up_cmd_arg, line, fr->text_len);
 		evbuffer_drain(in, fr->len);
 		if (mine)
 			up_cmd_finish(u, r.status == IMAP_ST_OK);

@@ -141,5 +141,10 @@ void upstream_set_lessee(struct upstream *u, const struct upstream_cbs *cbs,
  */
 int upstream_command(struct upstream *u, const char *cmd,
     void (*done)(void *arg, bool ok), void *arg);
+/* The same, with line(arg, text, len) called for the first line of each
+ * untagged response to it (e.g. "* SEARCH 4 7", "* OK [UIDVALIDITY 3]"). */
+int upstream_command_lines(struct upstream *u, const char *cmd,
+    void (*line)(void *arg, const char *text, size_t len),
+    void (*done)(void *arg, bool ok), void *arg);
 
 #endif

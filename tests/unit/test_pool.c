@@ -14,6 +14,8 @@
 #include "config.h"
 #include "log.h"
 #include "pool.h"
+#include "retry.h"
+#include "stats.h"
 #include "util.h"
 
 /* ------------------------------------------------------------ fakes */
@@ -402,6 +404,16 @@ setup(void **state)
 	C.login_burst = 1000;
 	C.transient_login_patterns = patterns;
 	C.n_transient_login_patterns = nitems(patterns);
+	/* [retry] defaults (DESIGN.md 3.7) */
+	C.login_attempts = 3;
+	C.backoff_initial_ms = 250;
+	C.backoff_max_ms = 8000;
+	C.server_fail_threshold = 5;
+	C.server_cooldown_ms = 30000;
+	C.admin_cooldown_ms = 300000;
+	C.negative_cache_ttl_ms = 60000;
+	retry_seed(42);
+	stats_reset();
 
 	memset(F, 0, sizeof(F));
 	nf = 0;
@@ -585,9 +597,9 @@ test_budget_per_admin(void **state)
 	assert_int_equal(pool_admin_sessions(0), 1);
 	assert_int_equal(pool_admin_sessions(1), 1);
 	check_budget();
-	ffail(0, UP_FAIL_LOGIN, "NO [AUTHENTICATIONFAILED] nope");
-	assert_int_equal(c[0].failed, 1);
-	assert_int_equal(c[0].why, POOL_FAIL_AUTH);
+	ffail(0, UP_FAIL_CONNECT, "connection refused");
+	assert_int_equal(c[0].failed, 1);	/* its only server failed */
+	assert_int_equal(c[0].why, POOL_FAIL_UNAVAILABLE);
 	assert_int_equal(nf, 2);		/* slot still taken */
 	ffree(0);
 	assert_int_equal(nf, 3);
@@ -969,33 +981,199 @@ test_token_bucket(void **state)
 	assert_string_equal(F[5].mailbox, "m5");
 }
 
+/* The fakes alive for mailbox mb and not yet closed, newest last. */
+static int
+last_open(void)
+{
+	return nf - 1;
+}
+
 static void
 test_login_failure_classes(void **state)
 {
 	static struct tclient c[3];
+	const struct stats_snapshot *ss = stats_get();
 
 	(void)state;
+	C.login_attempts = 1;		/* no retry: the class alone */
 	acq(&c[0], "a");
 	acq(&c[1], "b");
 	acq(&c[2], "c");
 	run();
-	ffail(0, UP_FAIL_LOGIN, "A2 NO LOGIN failed.");
-	ffail(1, UP_FAIL_LOGIN, "A2 no login FAILED.");
-	ffail(2, UP_FAIL_LOGIN, "A2 NO [AUTHENTICATIONFAILED] Authentication failed.");
+	ffail(0, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	ffail(1, UP_FAIL_LOGIN, "no login FAILED.");
 	assert_int_equal(c[0].why, POOL_FAIL_UNAVAILABLE);
 	assert_int_equal(c[1].why, POOL_FAIL_UNAVAILABLE);
+	/* A final refusal is tried with the other admin first. */
+	ffail(2, UP_FAIL_LOGIN, "NO [AUTHENTICATIONFAILED] Authentication failed.");
+	assert_int_equal(c[2].failed, 0);
+	/* Three failures in a row and no success: logins slow down. */
+	assert_true(retry_login_not_before(fnow) > fnow);
+	assert_int_equal(nf, 3);
+	advance(250);
+	assert_int_equal(nf, 4);
+	assert_string_equal(F[3].mailbox, "c");
+	assert_true(F[3].admin != F[2].admin);
+	ffail(3, UP_FAIL_LOGIN, "NO [AUTHENTICATIONFAILED] Authentication failed.");
+	assert_int_equal(c[2].failed, 1);
 	assert_int_equal(c[2].why, POOL_FAIL_AUTH);
 	assert_int_equal(c[0].failed + c[1].failed + c[2].failed, 3);
-	assert_int_equal(nf, 3);		/* no retry here (retry.c) */
+	assert_int_equal(nf, 4);
 	assert_string_equal(c[2].reason,
-	    "A2 NO [AUTHENTICATIONFAILED] Authentication failed.");
+	    "NO [AUTHENTICATIONFAILED] Authentication failed.");
+	assert_int_equal(ss->retries[STATS_RETRY_LOGIN_REFUSED], 1);
+}
+
+/* A transient refusal is retried on a fresh connection, with the other
+ * admin and the other server, after a backoff, login_attempts in all. */
+static void
+test_transient_retry_other_admin(void **state)
+{
+	static struct tclient a, b;
+	const struct stats_snapshot *ss = stats_get();
+	uint64_t t0;
+
+	(void)state;
+	C.n_servers = 2;
+	pool_set_config(&C);
+	acq(&a, "a");
+	run();
+	assert_int_equal(nf, 1);
+	assert_int_equal(F[0].server, 0);
+	t0 = fnow;
+	ffail(0, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	assert_int_equal(a.failed, 0);
+	assert_int_equal(nf, 1);		/* backing off */
+	assert_true(fsched >= t0 + 125 && fsched <= t0 + 250);
+	advance(250);
+	assert_int_equal(nf, 2);
+	assert_true(F[1].admin != F[0].admin);	/* another admin */
+	assert_int_equal(F[1].server, 1);	/* another server */
+	assert_false(F[0].n_close > 0 && F[1].n_close > 0);
+	ffail(1, UP_FAIL_LOGIN,
+	    "NO [Error=ProxyNotAuthenticated Proxy=mbx1:1993:SSL] LOGIN failed.");
+	advance(249);
+	assert_true(nf == 2 || fsched <= fnow + 251);
+	advance(500);
+	assert_int_equal(nf, 3);
+	assert_int_equal(F[2].server, 0);	/* not the last one */
+	ffail(2, UP_FAIL_LOGIN, "NO Server Unavailable. 15");
+	assert_int_equal(a.failed, 1);		/* login_attempts = 3 spent */
+	assert_int_equal(a.why, POOL_FAIL_UNAVAILABLE);
+	assert_string_equal(a.reason, "NO Server Unavailable. 15");
+	advance(20000);
+	assert_int_equal(nf, 3);		/* never a 4th */
+	assert_int_equal(ss->retries[STATS_RETRY_LOGIN_TRANSIENT], 2);
+	/* A session the server took for an authenticated one, whose
+	 * CAPABILITY then got "BAD User is authenticated but not
+	 * connected.": the same failure, retried. */
+	acq(&b, "b");
+	advance(10000);				/* past the slowdown */
+	assert_int_equal(nf, 4);
+	ffail(3, UP_FAIL_PROTOCOL, "BAD User is authenticated but not connected.");
+	advance(10000);
+	assert_int_equal(nf, 5);
+	assert_int_equal(b.failed, 0);
+	fready(4);
+	assert_int_equal(b.granted, 1);
+	check_budget();
+}
+
+/* A final refusal tries the admins that have not refused the mailbox,
+ * then answers AUTH and caches it: the next request opens nothing. */
+static void
+test_final_then_negcache(void **state)
+{
+	static struct tclient a, b, c, d;
+
+	(void)state;
+	set_admins(&C, admins, 3);
+	pool_set_config(&C);
+	acq(&a, "ghost");
+	run();
+	ffail(0, UP_FAIL_LOGIN, "NO no such user");
+	assert_int_equal(nf, 2);		/* at once: another admin */
+	ffail(1, UP_FAIL_LOGIN, "NO no such user");
+	assert_int_equal(nf, 3);
+	assert_true(F[0].admin != F[1].admin && F[1].admin != F[2].admin &&
+	    F[0].admin != F[2].admin);
+	assert_int_equal(a.failed, 0);
+	ffail(2, UP_FAIL_LOGIN, "NO no such user");
+	assert_int_equal(a.failed, 1);
+	assert_int_equal(a.why, POOL_FAIL_AUTH);
+	assert_int_equal(nf, 3);
+	/* The mailbox's fault, not the accounts'. */
+	assert_false(retry_admin_quarantined(0, fnow));
+	assert_false(retry_admin_quarantined(1, fnow));
+	assert_false(retry_admin_quarantined(2, fnow));
+
+	/* Cached, case-insensitively; answered from the tick. */
+	acq(&b, "GHOST");
+	assert_int_equal(b.failed, 0);
+	run();
+	assert_int_equal(b.failed, 1);
+	assert_int_equal(b.why, POOL_FAIL_AUTH);
+	assert_int_equal(nf, 3);		/* no open */
+	/* Past negative_cache_ttl Exchange is asked again. */
+	advance(C.negative_cache_ttl_ms);
+	acq(&c, "ghost");
+	run();
+	assert_int_equal(nf, 4);
+	assert_int_equal(c.failed, 0);
+	fready(3);
+	assert_int_equal(c.granted, 1);
+	/* Another mailbox never was cached. */
+	acq(&d, "ghost2");
+	run();
+	assert_int_equal(nf, 5);
+}
+
+/* An admin whose logins fail while the other's succeed is quarantined
+ * and no longer chosen. */
+static void
+test_quarantined_admin_not_chosen(void **state)
+{
+	static struct tclient c[5];
+	char mb[8];
+	int i, k;
+
+	(void)state;
+	for (i = 0; i < 3; i++) {
+		snprintf(mb, sizeof(mb), "m%d", i);
+		acq(&c[i], mb);
+		run();
+		k = last_open();
+		assert_int_equal(F[k].admin, 0);	/* the most free */
+		ffail(k, UP_FAIL_LOGIN, "NO [AUTHENTICATIONFAILED] bad password");
+		ffree(k);
+		assert_int_equal(F[last_open()].admin, 1);
+		fready(last_open());
+		assert_int_equal(c[i].granted, 1);
+		assert_int_equal(retry_admin_quarantined(0, fnow), i == 2);
+	}
+	assert_false(retry_admin_quarantined(1, fnow));
+	/* Admin 0 has the most room, but it is quarantined. */
+	acq(&c[3], "m3");
+	run();
+	assert_int_equal(F[last_open()].admin, 1);
+	fready(last_open());
+	assert_int_equal(c[3].granted, 1);
+	/* After admin_cooldown it is tried again. */
+	advance(C.admin_cooldown_ms);
+	assert_false(retry_admin_quarantined(0, fnow));
+	acq(&c[4], "m4");
+	run();
+	assert_int_equal(F[last_open()].admin, 0);
+	check_budget();
 }
 
 static void
 test_server_failover(void **state)
 {
 	static struct tclient a;
+	const struct stats_snapshot *ss = stats_get();
 	struct pool_stats st;
+	uint64_t t0;
 
 	(void)state;
 	C.n_servers = 3;
@@ -1004,33 +1182,106 @@ test_server_failover(void **state)
 	acq(&a, "a");
 	run();
 	assert_int_equal(F[0].server, 0);
+	t0 = fnow;
 	ffail(0, UP_FAIL_CONNECT, "connection refused");
 	assert_int_equal(a.failed, 0);
 	assert_int_equal(nf, 1);		/* budget 1: after on_free */
 	ffree(0);
+	assert_int_equal(nf, 1);		/* and after the backoff */
+	assert_true(fsched >= t0 + 125 && fsched <= t0 + 250);
+	advance(250);
 	assert_int_equal(nf, 2);
 	assert_int_equal(F[1].server, 1);
+	t0 = fnow;
 	ffail(1, UP_FAIL_TLS, "handshake failed");
 	ffree(1);
+	assert_true(fsched >= t0 + 250 && fsched <= t0 + 500);
+	advance(500);
 	assert_int_equal(F[2].server, 2);
 	ffail(2, UP_FAIL_CERT, "certificate has expired");
-	assert_int_equal(a.failed, 1);
+	assert_int_equal(a.failed, 1);		/* every server failed once */
 	assert_int_equal(a.why, POOL_FAIL_UNAVAILABLE);
 	assert_string_equal(a.reason, "certificate has expired");
 	ffree(2);
 	assert_int_equal(nf, 3);
 	pool_get_stats(&st);
 	assert_int_equal(st.logins_failed, 3);
+	assert_int_equal(ss->retries[STATS_RETRY_CONNECT], 1);
+	assert_int_equal(ss->retries[STATS_RETRY_TLS], 1);
+	assert_int_equal(retry_server_failures(0), 1);
+	assert_string_equal(retry_server_last_failure(2),
+	    "certificate has expired");
 
 	/* One good server after a bad one. */
 	acq(&a, "a");
 	run();
 	assert_int_equal(F[3].server, 0);
-	ffail(3, UP_FAIL_GREETING, "BYE Connection is closed. 14");
+	ffail(3, UP_FAIL_GREETING,
+	    "server greeted with \"* BYE Connection is closed. 14\"");
 	ffree(3);
+	advance(250);
 	fready(4);
 	assert_int_equal(F[4].server, 1);
 	assert_int_equal(a.granted, 1);
+	assert_int_equal(retry_server_failures(1), 0);	/* ok resets */
+	assert_int_equal(ss->retries[STATS_RETRY_GREETING], 1);
+}
+
+/* Servers that keep failing go down; while all are down a request fails
+ * at once, without a login; after the cooldown one probe goes. */
+static void
+test_all_servers_down(void **state)
+{
+	static struct tclient c[6];
+	int i;
+
+	(void)state;
+	C.n_servers = 2;
+	C.server_fail_threshold = 2;
+	pool_set_config(&C);
+	for (i = 0; i < 2; i++) {
+		acq(&c[i], "a");
+		run();
+		ffail(last_open(), UP_FAIL_CONNECT, "connection refused");
+		advance(8000);
+		ffail(last_open(), UP_FAIL_TIMEOUT, "no greeting");
+		assert_int_equal(c[i].failed, 1);
+		assert_int_equal(c[i].why, POOL_FAIL_UNAVAILABLE);
+	}
+	assert_int_equal(nf, 4);
+	assert_false(retry_server_up(0, fnow));
+	assert_false(retry_server_up(1, fnow));
+	assert_true(retry_all_servers_down(fnow));
+	acq(&c[2], "b");
+	run();
+	assert_int_equal(c[2].failed, 1);
+	assert_int_equal(c[2].why, POOL_FAIL_UNAVAILABLE);
+	assert_non_null(strstr(c[2].reason, "every upstream server is down"));
+	assert_int_equal(nf, 4);		/* nothing opened */
+
+	/* Cooldown over: one probe per server, not one per request. */
+	advance(C.server_cooldown_ms);
+	assert_false(retry_all_servers_down(fnow));
+	acq(&c[3], "c");
+	acq(&c[4], "d");
+	acq(&c[5], "e");
+	run();
+	assert_int_equal(nf, 6);
+	assert_int_equal(F[4].server, 0);
+	assert_int_equal(F[5].server, 1);
+	ffail(5, UP_FAIL_CONNECT, "connection refused");	/* probe fails */
+	fready(4);						/* probe works */
+	assert_int_equal(c[3].granted, 1);
+	assert_true(retry_server_up(0, fnow));
+	assert_false(retry_server_up(1, fnow));
+	/* c[4] retries on server 0 after its backoff; c[5] gets one too. */
+	advance(8000);
+	fready(6);
+	fready(7);
+	assert_int_equal(F[6].server, 0);
+	assert_int_equal(F[7].server, 0);
+	assert_int_equal(c[4].granted + c[5].granted, 2);
+	check_budget();
 }
 
 static void
@@ -1368,8 +1619,21 @@ test_random(void **state)
 	enum { NC = 24 };
 	static struct tclient cl[NC];
 	static const char *mbs[] = { "a", "B", "c", "D", "e", "A", "b" };
-	static const enum up_fail whys[] = { UP_FAIL_CONNECT, UP_FAIL_TLS,
-	    UP_FAIL_LOGIN, UP_FAIL_TIMEOUT };
+	static const struct {
+		enum up_fail why;
+		const char *text;
+	} fails[] = {
+		{ UP_FAIL_CONNECT, "cannot connect: Connection refused" },
+		{ UP_FAIL_TLS, "wrong version number" },
+		{ UP_FAIL_CERT, "certificate verify failed: expired" },
+		{ UP_FAIL_GREETING, "* BYE Connection is closed. 10" },
+		{ UP_FAIL_TIMEOUT, "no answer" },
+		{ UP_FAIL_LOGIN, "NO LOGIN failed." },
+		{ UP_FAIL_LOGIN, "NO Server Unavailable. 15" },
+		{ UP_FAIL_LOGIN, "NO no such user" },
+		{ UP_FAIL_LOGIN, "NO [AUTHENTICATIONFAILED] nope" },
+		{ UP_FAIL_PROTOCOL, "BAD User is authenticated but not connected." },
+	};
 	bool busy[NC];
 	uint64_t grants = 0, reuses = 0, timeouts = 0, failed = 0;
 	bool reloaded;
@@ -1387,6 +1651,11 @@ test_random(void **state)
 	C.login_burst = 4;
 	C.queue_timeout_ms = 5000;
 	C.reuse_timeout_ms = 20000;
+	C.negative_cache_ttl_ms = 3000;
+	C.server_fail_threshold = 3;
+	C.server_cooldown_ms = 2000;
+	C.admin_cooldown_ms = 10000;
+	C.backoff_max_ms = 2000;
 	pool_shutdown();
 	for (round = 0; round < 8; round++) {
 		seed = 12345u + (unsigned)round * 7919u;
@@ -1436,11 +1705,11 @@ test_random(void **state)
 			case 4:
 				k = pick(PICK_LOGIN);
 				if (k >= 0) {
-					if (rand() % 4 == 0)
-						ffail(k, whys[rand() % 4],
-						    rand() % 2 ? "NO LOGIN failed." :
-						    "NO no such user");
-					else
+					if (rand() % 4 == 0) {
+						int fi = rand() % (int)nitems(fails);
+
+						ffail(k, fails[fi].why, fails[fi].text);
+					} else
 						fready(k);
 				}
 				break;
@@ -1528,11 +1797,22 @@ test_random(void **state)
 		teardown(NULL);
 	}
 	/* The sequences did reach the interesting paths. */
-	if (getenv("POOL_TEST_DEBUG") != NULL)
-		fprintf(stderr, "random: grants=%llu reuses=%llu "
-		    "timeouts=%llu failed=%llu\n", (unsigned long long)grants,
-		    (unsigned long long)reuses, (unsigned long long)timeouts,
-		    (unsigned long long)failed);
+	{
+		const struct stats_snapshot *ss = stats_get();
+		uint64_t retries = 0;
+
+		for (i = 0; i < STATS_RETRY_COUNT; i++)
+			retries += ss->retries[i];
+		if (getenv("POOL_TEST_DEBUG") != NULL)
+			fprintf(stderr, "random: grants=%llu reuses=%llu "
+			    "timeouts=%llu failed=%llu retries=%llu\n",
+			    (unsigned long long)grants,
+			    (unsigned long long)reuses,
+			    (unsigned long long)timeouts,
+			    (unsigned long long)failed,
+			    (unsigned long long)retries);
+		assert_true(retries > 50);
+	}
 	assert_true(grants > 500);
 	assert_true(reuses > 30);
 	assert_true(timeouts > 5);
@@ -1564,6 +1844,10 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_token_bucket, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_login_failure_classes, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_server_failover, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_transient_retry_other_admin, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_final_then_negcache, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_quarantined_admin_not_chosen, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_all_servers_down, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_open_null, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reload_raises_budget, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reload_lowers_budget, setup, teardown),

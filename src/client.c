@@ -25,6 +25,7 @@
 #include "reap.h"
 #include "stats.h"
 #include "relay.h"
+#include "resync.h"
 #include "tls.h"
 #include "upstream.h"
 #include "util.h"
@@ -52,13 +53,16 @@ enum cl_state {
 	CL_S_AUTHDELAY,		/* failed login: waiting before the NO */
 	CL_S_LOGGING_IN,	/* credentials good: upstream login running */
 	CL_S_AUTH,		/* logged in: relaying */
+	CL_S_PARKING,		/* multiplex: taking the mailbox snapshot */
+	CL_S_PARKED,		/* multiplex: no upstream session held */
+	CL_S_ATTACHING,		/* multiplex: getting one back, resyncing */
 	CL_S_CLOSING,		/* flushing, then reaped */
 	CL_S_COUNT
 };
 
 static const char *const cl_state_names[] = {
 	"handshake", "notauth", "starttls", "sasl", "authdelay", "logging-in",
-	"auth", "closing",
+	"auth", "parking", "parked", "attaching", "closing",
 };
 _Static_assert(nitems(cl_state_names) == CL_S_COUNT, "state names");
 
@@ -76,6 +80,13 @@ enum cl_rerun {
 	CL_RERUN_READONLY,	/* run it again if no reply byte reached the client */
 	CL_RERUN_APPEND,	/* exactly once: run again unless it provably landed */
 	CL_RERUN_IDLE,		/* IDLE again, silently */
+};
+
+/* Steps of a resync after attaching again (multiplex). */
+enum cl_rs {
+	CL_RS_SELECT,		/* select the mailbox as before */
+	CL_RS_FETCH,		/* read its UIDs and flags */
+	CL_RS_EMIT,		/* tell the client what changed */
 };
 
 /* Steps of a recovery once a new session is there. */
@@ -151,6 +162,28 @@ struct client {
 	unsigned cl_recover_tries;
 	bool cl_swallow_cont;		/* hide the "+" of a silently repeated IDLE */
 	uint32_t cl_found_uidvalidity, cl_found_uid;
+	char *cl_auth_caps;		/* capabilities shown after login */
+	bool cl_in_lru;
+	TAILQ_ENTRY(client) cl_lru_link;
+
+	/* Multiplex mode (DESIGN 3.4). */
+	struct event *cl_park_ev;	/* park_after, IDLE poll and refresh */
+	uint32_t cl_uidvalidity;	/* of the selected mailbox */
+	uint32_t cl_exists;		/* messages the client knows of */
+	struct resync_snap cl_snap;	/* the client's view, while parked */
+	bool cl_snap_ok;
+	struct evbuffer *cl_pending_ev;	/* EXISTS seen while taking it */
+	struct resync_snap cl_now;	/* the mailbox at attach time */
+	struct evbuffer *cl_flagtext;	/* "msn flags\0" of changed messages */
+	uint32_t cl_new_uidvalidity, cl_new_exists;
+	enum cl_rs cl_rs;		/* resync step */
+	char cl_attach_tag[IMAPSHIM_TAG_MAX + 1];	/* command waiting on attach */
+	bool cl_unread;			/* leave the current frame unread */
+	bool cl_drop_next;		/* next command was answered already */
+	bool cl_attach_poll;		/* attaching for an IDLE poll */
+	bool cl_idle_ending;		/* DONE sent to park an IDLE client */
+	bool cl_idle_refresh;		/* DONE sent to renew a long IDLE */
+	uint64_t cl_active_ms;		/* last command, for longest-idle */
 
 	uint64_t cl_started_ms;
 	uint64_t cl_bytes_in, cl_bytes_out;
@@ -192,12 +225,20 @@ static const enum client_kind cl_state_kind[] = {
 	[CL_S_AUTHDELAY] = CLIENT_UNAUTHENTICATED,
 	[CL_S_LOGGING_IN] = CLIENT_WAITING,
 	[CL_S_AUTH] = CLIENT_ATTACHED,
+	[CL_S_PARKING] = CLIENT_ATTACHED,
+	[CL_S_PARKED] = CLIENT_PARKED,
+	[CL_S_ATTACHING] = CLIENT_WAITING,
 	[CL_S_CLOSING] = CLIENT_KIND_COUNT,
 };
 _Static_assert(nitems(cl_state_kind) == CL_S_COUNT, "state kinds");
 static unsigned cl_kind_count[CLIENT_KIND_COUNT + 1];
 
 static const struct client_env *cl_env;
+static const char *cl_drain_bye;	/* set once shutting down */
+/* Attached clients, least recently active first: who parks under pressure. */
+static TAILQ_HEAD(, client) cl_lru = TAILQ_HEAD_INITIALIZER(cl_lru);
+/* Clients taking their snapshot now (pressure already on its way). */
+static unsigned cl_parking;
 static TAILQ_HEAD(, client) cl_all = TAILQ_HEAD_INITIALIZER(cl_all);
 static unsigned cl_count;
 static uint64_t cl_next_id = 1;
@@ -206,6 +247,15 @@ static void cl_read_cb(struct bufferevent *bev, void *arg);
 static void cl_write_cb(struct bufferevent *bev, void *arg);
 static void cl_event_cb(struct bufferevent *bev, short what, void *arg);
 static void cl_close(struct client *c, const char *reason, const char *bye);
+static void cl_park_timer_cb(evutil_socket_t fd, short what, void *arg);
+static void cl_lru_remove(struct client *c);
+static void cl_touch(struct client *c);
+static void cl_park(struct client *c);
+static void cl_attach(struct client *c, bool poll);
+static void cl_attach_failed(struct client *c, const char *text);
+static void cl_resync_step(struct client *c);
+static void cl_track_untagged(struct client *c, const struct imap_frame *fr,
+    struct evbuffer *in);
 static void cl_ask_pool(struct client *c);
 static void cl_unblock(struct client *c);
 
@@ -366,6 +416,10 @@ cl_caps(const struct client *c, char *buf, size_t len)
 	size_t i, j, n;
 	const char *cap;
 
+	if (c->cl_auth_caps != NULL) {
+		snprintf(buf, len, "%s", c->cl_auth_caps);
+		return;
+	}
 	n = (size_t)snprintf(buf, len, "IMAP4rev1 LITERAL+ ID IDLE");
 	if (c->cl_state == CL_S_AUTH && c->cl_up != NULL) {
 		for (i = 0; (cap = upstream_cap(c->cl_up, i)) != NULL; i++)
@@ -575,6 +629,15 @@ cl_free(void *obj)
 	free(c->cl_sip);
 	free(c->cl_select_cmd);
 	free(c->cl_append_mbox);
+	free(c->cl_auth_caps);
+	if (c->cl_park_ev != NULL)
+		event_free(c->cl_park_ev);
+	resync_snap_free(&c->cl_snap);
+	resync_snap_free(&c->cl_now);
+	if (c->cl_pending_ev != NULL)
+		evbuffer_free(c->cl_pending_ev);
+	if (c->cl_flagtext != NULL)
+		evbuffer_free(c->cl_flagtext);
 	if (c->cl_replay != NULL)
 		evbuffer_free(c->cl_replay);
 	free(c);
@@ -627,6 +690,10 @@ cl_close(struct client *c, const char *reason, const char *bye)
 	    (unsigned long long)(util_now_ms() - c->cl_started_ms));
 	c->cl_close_reason = reason;
 	cl_unauth_remove(c);
+	cl_lru_remove(c);
+	if (c->cl_state == CL_S_PARKING)
+		cl_parking--;
+	evtimer_del(c->cl_park_ev);
 	cl_release_upstream(c);
 	cl_set_state(c, CL_S_CLOSING);
 	bufferevent_disable(c->cl_bev, EV_READ);
@@ -1334,6 +1401,372 @@ resume:
 	cl_unblock(c);
 }
 
+/* ------------------------------------------------------------ multiplex */
+
+
+static bool
+cl_multiplex(void)
+{
+	return cl_cfg()->pool_mode == CFG_POOL_MULTIPLEX;
+}
+
+/* Keep cl_lru and the park timer right after activity or attach. */
+static void
+cl_touch(struct client *c)
+{
+	struct timeval tv;
+	uint64_t ms;
+
+	if (!cl_multiplex() || c->cl_park_ev == NULL)
+		return;
+	c->cl_active_ms = util_now_ms();
+	if (c->cl_in_lru)
+		TAILQ_REMOVE(&cl_lru, c, cl_lru_link);
+	c->cl_in_lru = c->cl_state == CL_S_AUTH && c->cl_up != NULL;
+	if (c->cl_in_lru)
+		TAILQ_INSERT_TAIL(&cl_lru, c, cl_lru_link);
+	/* An idling client only parks under pressure; its timer renews
+	 * the real IDLE before Exchange's 30-minute autologout. */
+	ms = c->cl_in_idle ? cl_cfg()->idle_refresh_ms : cl_cfg()->park_after_ms;
+	tv.tv_sec = (time_t)(ms / 1000);
+	tv.tv_usec = (suseconds_t)(ms % 1000) * 1000;
+	evtimer_add(c->cl_park_ev, &tv);
+}
+
+static void
+cl_lru_remove(struct client *c)
+{
+	if (c->cl_in_lru)
+		TAILQ_REMOVE(&cl_lru, c, cl_lru_link);
+	c->cl_in_lru = false;
+}
+
+/* Between commands with nothing half-read or unanswered (an IDLE waiting
+ * for DONE counts as nothing: it may be parked too). */
+static bool
+cl_parkable(struct client *c)
+{
+	if (c->cl_state != CL_S_AUTH || c->cl_up == NULL || c->cl_logout ||
+	    c->cl_waiting || c->cl_recover != CL_REDO_NONE ||
+	    c->cl_cur != CL_CUR_NONE || !imap_framer_at_boundary(&c->cl_framer) ||
+	    c->cl_swallow_cont || c->cl_idle_refresh ||
+	    evbuffer_get_length(bufferevent_get_input(c->cl_bev)) > 0)
+		return false;
+	if (c->cl_pend_len == 0)
+		return true;
+	return c->cl_in_idle && c->cl_pend_len == 1 && c->cl_inflight == 1;
+}
+
+void
+client_pool_pressure(unsigned need)
+{
+	struct client *c, *next;
+
+	for (c = TAILQ_FIRST(&cl_lru); c != NULL && cl_parking < need; c = next) {
+		next = TAILQ_NEXT(c, cl_lru_link);
+		if (cl_parkable(c))
+			cl_park(c);
+	}
+}
+
+/* Poll for a parked idling client, spread out with jitter. */
+static void
+cl_arm_idle_poll(struct client *c)
+{
+	uint64_t ms = cl_cfg()->idle_poll_interval_ms;
+	struct timeval tv;
+
+	ms = ms / 2 + (uint64_t)arc4random_uniform((uint32_t)(ms / 2 + 1));
+	tv.tv_sec = (time_t)(ms / 1000);
+	tv.tv_usec = (suseconds_t)(ms % 1000) * 1000;
+	evtimer_add(c->cl_park_ev, &tv);
+}
+
+/* First lines of the responses to our FETCH 1:* (UID FLAGS). */
+static void
+cl_snap_line_cb(void *arg, const char *line, size_t len)
+{
+	struct client *c = arg;
+	struct resync_snap *s = c->cl_state == CL_S_PARKING ? &c->cl_snap :
+	    &c->cl_now;
+	const char *flags;
+	size_t flen, old;
+	uint32_t msn, uid, n, digest;
+
+	if (resync_parse_fetch(line, len, &msn, &uid, &flags, &flen) == 0) {
+		digest = resync_flags_digest(flags, flen);
+		if (msn != s->rs_n + 1 || resync_snap_append(s, uid, digest) != 0) {
+			c->cl_snap_ok = false;
+			return;
+		}
+		/* Keep the text of flags the client has to be told about. */
+		if (s == &c->cl_now && ((old = resync_snap_find(&c->cl_snap,
+		    uid)) == 0 || c->cl_snap.rs_msgs[old - 1].rm_flags != digest))
+			evbuffer_add_printf(c->cl_flagtext, "%u %.*s%c", msn,
+			    (int)flen, flags, '\0');
+		return;
+	}
+	if (resync_parse_count(line, len, "EXISTS", &n) == 0) {
+		if (s == &c->cl_snap)
+			/* New mail while we looked: the client hears of it
+			 * first thing after it is attached again. */
+			evbuffer_add_printf(c->cl_pending_ev, "* %u EXISTS\r\n", n);
+		else
+			c->cl_new_exists = n;
+		return;
+	}
+	if (resync_parse_uidvalidity(line, len, &n) == 0)
+		c->cl_new_uidvalidity = n;
+}
+
+static void
+cl_park_done_cb(void *arg, bool ok)
+{
+	struct client *c = arg;
+	struct upstream *u = c->cl_up;
+
+	cl_parking--;
+	if (!ok || !c->cl_snap_ok) {
+		if (upstream_state(u) == UP_S_CLOSING) {
+			/* Lost while looking: no view to compare with later. */
+			pool_forget(u);
+			c->cl_up = NULL;
+			cl_close(c, "upstream-lost", "The connection to Exchange "
+			    "was lost.");
+			return;
+		}
+		/* Could not take the snapshot: stay attached. */
+		cl_set_state(c, CL_S_AUTH);
+		cl_touch(c);
+		cl_resume_reading(c);
+		return;
+	}
+	c->cl_up = NULL;
+	upstream_set_lessee(u, NULL, NULL);
+	pool_release(u, c->cl_selected ? POOL_RELEASE_SELECTED :
+	    POOL_RELEASE_CLEAN);
+	cl_set_state(c, CL_S_PARKED);
+	log_debug("client_parked", "id=%llu mailbox=%s messages=%zu idle=%s",
+	    (unsigned long long)c->cl_id, c->cl_name.mailbox, c->cl_snap.rs_n,
+	    c->cl_in_idle ? "yes" : "no");
+	if (c->cl_in_idle)
+		cl_arm_idle_poll(c);
+	cl_resume_reading(c);
+}
+
+/* Give the upstream session back, keeping what the client knows. */
+static void
+cl_park(struct client *c)
+{
+	if (c->cl_state != CL_S_PARKING) {
+		cl_lru_remove(c);
+		cl_set_state(c, CL_S_PARKING);
+		cl_parking++;
+		bufferevent_disable(c->cl_bev, EV_READ);
+	}
+	if (c->cl_in_idle && !c->cl_idle_ending) {
+		/* End the real IDLE; its tagged OK (hidden) continues this.
+		 * The client's own IDLE goes on. */
+		c->cl_idle_ending = true;
+		evbuffer_add(upstream_output(c->cl_up), "DONE\r\n", 6);
+		return;
+	}
+	c->cl_idle_ending = false;
+	resync_snap_clear(&c->cl_snap);
+	c->cl_snap.rs_uidvalidity = c->cl_uidvalidity;
+	c->cl_snap_ok = true;
+	if (c->cl_pending_ev == NULL)
+		c->cl_pending_ev = evbuffer_new();
+	evbuffer_drain(c->cl_pending_ev, evbuffer_get_length(c->cl_pending_ev));
+	if (!c->cl_selected || c->cl_exists == 0 ||
+	    upstream_command_lines(c->cl_up, "FETCH 1:* (UID FLAGS)",
+	    cl_snap_line_cb, cl_park_done_cb, c) != 0)
+		cl_park_done_cb(c, true);
+}
+
+/* Get a session back: for the command waiting in the input (its tag
+ * saved), or for an IDLE poll. */
+static void
+cl_attach(struct client *c, bool poll)
+{
+	evtimer_del(c->cl_park_ev);
+	c->cl_attach_poll = poll;
+	cl_set_state(c, CL_S_ATTACHING);
+	bufferevent_disable(c->cl_bev, EV_READ);
+	cl_ask_pool(c);
+}
+
+/* The pool could not give one back in time. */
+static void
+cl_attach_failed(struct client *c, const char *text)
+{
+	cl_set_state(c, CL_S_PARKED);
+	if (c->cl_attach_poll) {
+		cl_arm_idle_poll(c);	/* try again at the next poll */
+		return;
+	}
+	cl_printf(c, "%s %s\r\n", c->cl_attach_tag, text);
+	c->cl_drop_next = true;
+	cl_resume_reading(c);
+}
+
+static void
+cl_resync_fail(struct client *c, const char *bye)
+{
+	if (c->cl_up != NULL && upstream_state(c->cl_up) == UP_S_CLOSING) {
+		pool_forget(c->cl_up);
+		c->cl_up = NULL;
+		bye = "The connection to Exchange was lost.";
+	}
+	cl_close(c, "resync-failed", bye);
+}
+
+static void
+cl_resync_cb(void *arg, bool ok)
+{
+	struct client *c = arg;
+
+	if (!ok || !c->cl_snap_ok) {
+		cl_resync_fail(c, "The mailbox cannot be opened again.");
+		return;
+	}
+	cl_resync_step(c);
+}
+
+/* One untagged response of the resync, in IMAP's order. */
+static void
+cl_resync_emit(void *arg, enum resync_ev ev, size_t n)
+{
+	struct client *c = arg;
+	size_t len, off;
+	const char *t;
+
+	switch (ev) {
+	case RESYNC_EXPUNGE:
+		cl_printf(c, "* %zu EXPUNGE\r\n", n);
+		break;
+	case RESYNC_EXISTS:
+		cl_printf(c, "* %zu EXISTS\r\n", n);
+		break;
+	case RESYNC_FLAGS:
+		len = evbuffer_get_length(c->cl_flagtext);
+		t = (const char *)evbuffer_pullup(c->cl_flagtext, -1);
+		for (off = 0; off < len; off += strlen(t + off) + 1)
+			if ((size_t)strtoul(t + off, NULL, 10) == n) {
+				cl_printf(c, "* %zu FETCH (FLAGS (%s))\r\n", n,
+				    strchr(t + off, ' ') + 1);
+				break;
+			}
+		break;
+	}
+}
+
+/*
+ * Attached again: select the mailbox as before, read it, and tell the
+ * client what changed while it was parked, before anything else.
+ */
+static void
+cl_resync_step(struct client *c)
+{
+	switch (c->cl_selected ? c->cl_rs : CL_RS_EMIT) {
+	case CL_RS_SELECT:
+		c->cl_rs = CL_RS_FETCH;
+		c->cl_new_uidvalidity = c->cl_new_exists = 0;
+		c->cl_snap_ok = true;
+		if (upstream_command_lines(c->cl_up, c->cl_select_cmd,
+		    cl_snap_line_cb, cl_resync_cb, c) != 0)
+			cl_resync_fail(c, "The mailbox cannot be opened again.");
+		return;
+	case CL_RS_FETCH:
+		if (c->cl_new_uidvalidity != c->cl_uidvalidity) {
+			cl_close(c, "uidvalidity-changed", "UIDVALIDITY of the "
+			    "selected mailbox changed; please reconnect.");
+			return;
+		}
+		c->cl_rs = CL_RS_EMIT;
+		resync_snap_clear(&c->cl_now);
+		c->cl_now.rs_uidvalidity = c->cl_new_uidvalidity;
+		if (c->cl_flagtext == NULL)
+			c->cl_flagtext = evbuffer_new();
+		evbuffer_drain(c->cl_flagtext, evbuffer_get_length(c->cl_flagtext));
+		if (c->cl_new_exists > 0) {
+			if (upstream_command_lines(c->cl_up,
+			    "FETCH 1:* (UID FLAGS)", cl_snap_line_cb, cl_resync_cb,
+			    c) != 0)
+				cl_resync_fail(c, "The mailbox cannot be read again.");
+			return;
+		}
+		/* FALLTHROUGH */
+	case CL_RS_EMIT:
+		if (!c->cl_selected)
+			break;
+		/* What the client missed while we looked, then the rest. */
+		if (c->cl_pending_ev != NULL)
+			evbuffer_add_buffer(bufferevent_get_output(c->cl_bev),
+			    c->cl_pending_ev);
+		if (resync_diff(&c->cl_snap, &c->cl_now, cl_resync_emit, c) != 0) {
+			cl_close(c, "resync-failed", "The mailbox changed in a "
+			    "way imapshim cannot replay; please reconnect.");
+			return;
+		}
+		c->cl_exists = (uint32_t)c->cl_now.rs_n;
+		break;
+	}
+	c->cl_rs = CL_RS_SELECT;
+	resync_snap_clear(&c->cl_snap);
+	cl_set_state(c, CL_S_AUTH);
+	if (c->cl_in_idle) {
+		/* Back into a real IDLE; the client had its "+" long ago. */
+		struct cl_pend *p = cl_inflight_pend(c);
+
+		if (p != NULL) {
+			c->cl_swallow_cont = true;
+			evbuffer_add_printf(upstream_output(c->cl_up), "%s IDLE\r\n",
+			    p->tag);
+		}
+	}
+	cl_touch(c);
+	if (c->cl_attach_poll && c->cl_in_idle) {
+		/* An IDLE poll: park again at once under pressure only. */
+		struct pool_stats st;
+
+		pool_get_stats(&st);
+		if (st.waiters > 0 && cl_parkable(c))
+			cl_park(c);
+		return;
+	}
+	cl_resume_reading(c);
+}
+
+static void
+cl_park_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct client *c = arg;
+
+	(void)fd;
+	(void)what;
+	if (c->cl_state == CL_S_PARKED && c->cl_in_idle) {
+		cl_attach(c, true);
+		return;
+	}
+	if (c->cl_state != CL_S_AUTH || c->cl_up == NULL)
+		return;
+	if (c->cl_in_idle) {
+		/* Renew the real IDLE (Exchange logs idle sessions out after
+		 * 30 minutes); DONE's hidden OK re-issues it. */
+		if (!c->cl_idle_refresh && !c->cl_swallow_cont) {
+			c->cl_idle_refresh = true;
+			evbuffer_add(upstream_output(c->cl_up), "DONE\r\n", 6);
+		}
+		cl_touch(c);
+		return;
+	}
+	if (cl_parkable(c))
+		cl_park(c);
+	else
+		cl_touch(c);
+}
+
 /* ------------------------------------------------------------ upstream */
 
 static void cl_up_ready(void *arg);
@@ -1358,7 +1791,9 @@ cl_pool_granted(struct pool_waiter *w, struct upstream *u)
 	c->cl_up = u;
 	upstream_set_lessee(u, &cl_up_cbs, c);
 	c->cl_relay_sync_lit = !upstream_has_cap(u, "LITERAL+");
-	if (c->cl_state == CL_S_AUTH)
+	if (c->cl_state == CL_S_ATTACHING)
+		cl_resync_step(c);	/* back from parking */
+	else if (c->cl_state == CL_S_AUTH)
 		cl_recover_step(c);	/* back after a loss */
 	else
 		cl_up_ready(c);
@@ -1371,6 +1806,13 @@ cl_pool_failed(struct pool_waiter *w, enum pool_fail why, const char *reason)
 	char msg[700];
 
 	c->cl_waiting = false;
+	if (c->cl_state == CL_S_ATTACHING) {
+		cl_attach_failed(c, why == POOL_FAIL_TIMEOUT ?
+		    "NO [UNAVAILABLE] All Exchange sessions are busy "
+		    "(queue_timeout); try again later." :
+		    "NO [UNAVAILABLE] Exchange is not reachable; try again later.");
+		return;
+	}
 	if (c->cl_state == CL_S_AUTH) {
 		/* No session to go on with after a loss. */
 		struct cl_pend *p = cl_inflight_pend(c);
@@ -1432,6 +1874,8 @@ cl_up_ready(void *arg)
 	imap_framer_init(&c->cl_framer, cfg->max_command_bytes,
 	    cfg->max_literal_bytes);
 	cl_caps(c, caps, sizeof(caps));
+	/* Kept: a parked session has no upstream to ask. */
+	c->cl_auth_caps = xstrdup(caps);
 	cl_printf(c, "%s OK [CAPABILITY %s] Logged in.\r\n", c->cl_tag, caps);
 	if (protolog_enabled()) {
 		char ctx[128];
@@ -1440,6 +1884,7 @@ cl_up_ready(void *arg)
 		cl_plog(c, "login", LOG_MASKED, 0, 0, c->cl_login_us, ctx);
 	}
 	cl_arm_timer(c, cfg->client_idle_timeout_ms);
+	cl_touch(c);
 	cl_resume_reading(c);
 }
 
@@ -1531,6 +1976,25 @@ cl_plog_response(struct client *c, struct cl_pend *done,
 	    p->rp, p->started_us, ctx);
 }
 
+/* Keep count of messages and UIDVALIDITY as the client is told them. */
+static void
+cl_track_untagged(struct client *c, const struct imap_frame *fr,
+    struct evbuffer *in)
+{
+	const char *line = (const char *)evbuffer_pullup(in, (ev_ssize_t)fr->len);
+	uint32_t n;
+
+	if (!cl_multiplex() || line == NULL)
+		return;
+	if (resync_parse_count(line, fr->text_len, "EXISTS", &n) == 0)
+		c->cl_exists = n;
+	else if (resync_parse_count(line, fr->text_len, "EXPUNGE", &n) == 0) {
+		if (c->cl_exists > 0)
+			c->cl_exists--;
+	} else if (resync_parse_uidvalidity(line, fr->text_len, &n) == 0)
+		c->cl_uidvalidity = n;
+}
+
 /* Find the relayed command a tagged reply answers. */
 static struct cl_pend *
 cl_pend_find(struct client *c, const struct imap_tok *tag)
@@ -1563,8 +2027,23 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 		evbuffer_drain(in, fr->len);
 		return;
 	}
+	if (resp != NULL && resp->kind == IMAP_RESP_UNTAGGED)
+		cl_track_untagged(c, fr, in);
 	if (resp != NULL && resp->kind == IMAP_RESP_TAGGED) {
 		p = cl_pend_find(c, &resp->tag);
+		if (p != NULL && p->rerun == CL_RERUN_IDLE &&
+		    (c->cl_idle_ending || c->cl_idle_refresh)) {
+			/* Our DONE ended the real IDLE; the client's goes on. */
+			evbuffer_drain(in, fr->len);
+			if (c->cl_idle_refresh) {
+				c->cl_idle_refresh = false;
+				c->cl_swallow_cont = true;
+				evbuffer_add_printf(upstream_output(c->cl_up),
+				    "%s IDLE\r\n", p->tag);
+			} else
+				cl_park(c);
+			return;
+		}
 		if (p != NULL && p->reply != NULL) {
 			/* We answered this one ourselves (a command we had to
 			 * cut short upstream); hide the server's answer. */
@@ -1603,6 +2082,13 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 		p->done = true;
 		c->cl_inflight--;
 		cl_pend_flush(c);
+		if (c->cl_state == CL_S_CLOSING)
+			return;
+		if (cl_drain_bye != NULL && c->cl_inflight == 0) {
+			cl_close(c, "shutdown", cl_drain_bye);
+			return;
+		}
+		cl_touch(c);
 		cl_unblock(c);
 	}
 	if (c->cl_up != NULL && relay_output_full(c->cl_bev))
@@ -1739,6 +2225,24 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 	struct imap_tok tag, cmd;
 	char t[IMAPSHIM_TAG_MAX + 1];
 
+	if (c->cl_drop_next) {
+		/* Answered NO [UNAVAILABLE] while waiting for a session. */
+		c->cl_drop_next = false;
+		evbuffer_drain(in, fr->len);
+		c->cl_cur = fr->last ? CL_CUR_NONE : CL_CUR_SWALLOW;
+		return;
+	}
+	if (c->cl_in_idle && c->cl_up == NULL) {
+		/* Parked while idling: DONE ends the IDLE right here. */
+		struct cl_pend *p = cl_inflight_pend(c);
+
+		c->cl_in_idle = false;
+		evtimer_del(c->cl_park_ev);
+		evbuffer_drain(in, fr->len);
+		if (p != NULL)
+			cl_pend_answer(c, p, "OK IDLE terminated.");
+		return;
+	}
 	if (c->cl_in_idle) {
 		/* The only thing a client may send while idling is DONE;
 		 * the server judges it. */
@@ -1772,6 +2276,14 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 		return;
 	}
 	c->cl_bad_in_row = 0;
+	if (c->cl_state == CL_S_PARKED) {
+		/* Read it again once attached and resynced. */
+		snprintf(c->cl_attach_tag, sizeof(c->cl_attach_tag), "%.*s",
+		    (int)tag.len, tag.p);
+		c->cl_unread = true;
+		cl_attach(c, false);
+		return;
+	}
 	c->cl_cur_pend = cl_pend_push(c, tag.p, tag.len);
 	c->cl_cur_pend->relayed = true;
 	c->cl_inflight++;
@@ -1854,21 +2366,24 @@ cl_read_cb(struct bufferevent *bev, void *arg)
 {
 	struct client *c = arg;
 	struct evbuffer *in = bufferevent_get_input(bev);
+	struct imap_framer saved;
 	struct imap_frame fr;
 	const char *line;
 	size_t before;
+	bool authed;
 
-	if (c->cl_state == CL_S_AUTH)
+	if (c->cl_state == CL_S_AUTH || c->cl_state == CL_S_PARKED)
 		cl_arm_timer(c, cl_cfg()->client_idle_timeout_ms);
 	for (;;) {
+		authed = c->cl_state == CL_S_AUTH || c->cl_state == CL_S_PARKED;
 		if ((c->cl_state != CL_S_NOTAUTH && c->cl_state != CL_S_SASL &&
-		    c->cl_state != CL_S_AUTH) || c->cl_logout)
+		    !authed) || c->cl_logout || cl_drain_bye != NULL)
 			return;
-		if (c->cl_state == CL_S_AUTH && c->cl_up == NULL &&
-		    c->cl_cur == CL_CUR_RELAY) {
-			/* Detached while the client sends a command we keep:
-			 * read the rest of it (cl_command_sent reattaches). */
-		} else if (c->cl_state == CL_S_AUTH && (c->cl_up == NULL ||
+		if (c->cl_state == CL_S_PARKED ||
+		    (c->cl_up == NULL && c->cl_cur == CL_CUR_RELAY)) {
+			/* Parked (a command attaches it), or detached while
+			 * the client sends a command we keep: read on. */
+		} else if (authed && (c->cl_up == NULL ||
 		    upstream_output_full(c->cl_up) ||
 		    c->cl_pend_len >= CL_MAX_PENDING ||
 		    (c->cl_inflight > 0 && c->cl_cur == CL_CUR_NONE &&
@@ -1883,16 +2398,23 @@ cl_read_cb(struct bufferevent *bev, void *arg)
 			return;
 		}
 		before = evbuffer_get_length(in);
+		saved = c->cl_framer;
 		if (!relay_frame_next(&c->cl_framer, in, &fr, &line)) {
 			/* Bytes the framer discarded count as read too. */
 			c->cl_bytes_in += before - evbuffer_get_length(in);
 			return;
 		}
-		if (c->cl_state == CL_S_AUTH)
-			cl_auth_frame(c, &fr, line, in);
-		else {
+		if (!authed) {
 			c->cl_bytes_in += fr.len;
 			cl_preauth_frame(c, &fr, line, in);
+			continue;
+		}
+		cl_auth_frame(c, &fr, line, in);
+		if (c->cl_unread) {
+			/* The command waits in the input until attached. */
+			c->cl_unread = false;
+			c->cl_framer = saved;
+			return;
 		}
 	}
 }
@@ -1964,7 +2486,11 @@ cl_timer_cb(evutil_socket_t fd, short what, void *arg)
 		cl_auth_answer(c, "NO [AUTHENTICATIONFAILED] Authentication failed.");
 		break;
 	case CL_S_AUTH:
-		if (c->cl_pend_len > 0) {
+	case CL_S_PARKED:
+	case CL_S_PARKING:
+	case CL_S_ATTACHING:
+		if (c->cl_pend_len > 0 || c->cl_state == CL_S_PARKING ||
+		    c->cl_state == CL_S_ATTACHING) {
 			/* A command is running (IDLE, a long FETCH): that
 			 * is not idleness. */
 			cl_arm_timer(c, cl_cfg()->client_idle_timeout_ms);
@@ -2014,8 +2540,12 @@ client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
 		c->cl_state = CL_S_NOTAUTH;
 	}
 	c->cl_timer = evtimer_new(cl_env->base, cl_timer_cb, c);
+	c->cl_park_ev = evtimer_new(cl_env->base, cl_park_timer_cb, c);
 	c->cl_cmd = evbuffer_new();
-	if (c->cl_bev == NULL || c->cl_timer == NULL || c->cl_cmd == NULL) {
+	resync_snap_init(&c->cl_snap);
+	resync_snap_init(&c->cl_now);
+	if (c->cl_bev == NULL || c->cl_timer == NULL || c->cl_cmd == NULL ||
+	    c->cl_park_ev == NULL) {
 		log_error("client_new", "peer=%s reason=out-of-resources", c->cl_peer);
 		if (c->cl_bev != NULL)
 			bufferevent_free(c->cl_bev);
@@ -2026,6 +2556,8 @@ client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
 		}
 		if (c->cl_timer != NULL)
 			event_free(c->cl_timer);
+		if (c->cl_park_ev != NULL)
+			event_free(c->cl_park_ev);
 		if (c->cl_cmd != NULL)
 			evbuffer_free(c->cl_cmd);
 		free(c);
@@ -2071,5 +2603,22 @@ client_free_all(void)
 			reap_run();
 		else
 			cl_free(c);
+	}
+}
+
+void
+client_drain(const char *bye)
+{
+	struct client *c, *next;
+
+	cl_drain_bye = bye;
+	for (c = TAILQ_FIRST(&cl_all); c != NULL; c = next) {
+		next = TAILQ_NEXT(c, cl_link);
+		/* A command in flight finishes first (cl_up_frame closes the
+		 * session after its reply); an IDLE is not such a command. */
+		if (c->cl_state == CL_S_AUTH && c->cl_inflight > 0 &&
+		    !c->cl_in_idle)
+			continue;
+		cl_close(c, "shutdown", bye);
 	}
 }

@@ -62,5 +62,10 @@ void client_counts(unsigned counts[CLIENT_KIND_COUNT]);
 void client_close_all(const char *bye);
 /* At exit: close and free every session now, flushed or not. */
 void client_free_all(void);
+/* Shutting down: close sessions with no command in flight at once (with
+ * "* BYE bye"), the others as soon as their command has its reply. */
+void client_drain(const char *bye);
+/* For pool_set_pressure(): park need of the longest-idle clients. */
+void client_pool_pressure(unsigned need);
 
 #endif

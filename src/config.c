@@ -197,9 +197,7 @@ static const struct cfg_key cfg_keys[] = {
 	    command_timeout_ms, "120s", 1, UINT64_MAX),
 
 	/* [pool] */
-	/* DESIGN's default is multiplex; until that mode is built, session is
-	 * the only mode there is, so it is the default too. */
-	K_SET(CFG_S_POOL, "mode", cfg_set_pool_mode, pool_mode, "session"),
+	K_SET(CFG_S_POOL, "mode", cfg_set_pool_mode, pool_mode, "multiplex"),
 	K_NUM(CFG_S_POOL, "session_budget", cfg_set_uint, session_budget,
 	    "2048", 1, 1000000),
 	K_NUM(CFG_S_POOL, "queue_timeout", cfg_set_duration, queue_timeout_ms,
@@ -707,11 +705,9 @@ cfg_set_pool_mode(const struct cfg_key *k, void *base, const char *v,
 	enum config_pool_mode *p = FIELD(base, k->off, enum config_pool_mode);
 
 	(void)append;
-	if (util_ieq(v, "multiplex")) {
-		cfg_errmsg(err, errlen, "'multiplex' is not available in this "
-		    "version yet; use mode = session");
-		return -1;
-	} else if (util_ieq(v, "session"))
+	if (util_ieq(v, "multiplex"))
+		*p = CFG_POOL_MULTIPLEX;
+	else if (util_ieq(v, "session"))
 		*p = CFG_POOL_SESSION;
 	else {
 		cfg_errmsg(err, errlen, "'%s': must be multiplex or session",

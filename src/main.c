@@ -212,6 +212,8 @@ main_signal_cb(evutil_socket_t sig, short what, void *arg)
 		}
 		main_draining = true;
 		status_stop();
+		/* Idle sessions go now, busy ones after their reply. */
+		client_drain("imapshim shutting down.");
 		log_info("shutdown", "signal=%d clients=%u drain_timeout_ms=%llu",
 		    (int)sig, client_count(),
 		    (unsigned long long)main_cfg->drain_timeout_ms);
@@ -233,6 +235,10 @@ main_drop_privileges(const char *user)
 	if ((pw = getpwnam(user)) == NULL) {
 		log_error("privileges", "user=%s reason=\"no such user\"", user);
 		return -1;
+	}
+	if (getuid() == pw->pw_uid && geteuid() == pw->pw_uid) {
+		log_info("privileges", "user=%s already", user);
+		return 0;
 	}
 	if (setgroups(1, &pw->pw_gid) != 0 || setgid(pw->pw_gid) != 0 ||
 	    setuid(pw->pw_uid) != 0) {
@@ -329,6 +335,7 @@ main(int argc, char **argv)
 	client_init(&main_env);
 	pool_default_env(main_base, main_env.dns, main_env.upstream_ctx);
 	pool_init(main_cfg, &pool_default_ops);
+	pool_set_pressure(client_pool_pressure);
 	if (listener_start(main_base, main_cfg, err, sizeof(err)) != 0)
 		log_fatal("start", "reason=\"%s\"", err);
 	if (status_start(main_base, main_cfg, err, sizeof(err)) != 0)
@@ -352,6 +359,9 @@ main(int argc, char **argv)
 	client_free_all();
 	pool_shutdown();
 	upstream_free_all();
+	/* bufferevent_free() finishes in deferred callbacks: let them run. */
+	event_base_loop(main_base, EVLOOP_NONBLOCK);
+	event_base_loop(main_base, EVLOOP_NONBLOCK);
 	reap_shutdown();
 	for (i = 0; i < nitems(sigs); i++)
 		event_free(sigs[i]);

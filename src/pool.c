@@ -139,6 +139,7 @@ static struct {
 	uint64_t next_id;
 
 	uint64_t reuses, logins_ok, logins_failed, queue_timeouts;
+	void (*pressure)(unsigned need);
 } P;
 
 /* What pool_default_ops needs (pool_default_env). */
@@ -994,7 +995,7 @@ static void
 serve_queue(uint64_t now, uint64_t *next)
 {
 	struct pool_waiter *w, *wn;
-	unsigned pending = P.counts[PE_CLOSING];
+	unsigned pending = P.counts[PE_CLOSING], need = 0;
 	bool blocked = false, no_room = false;
 
 	TAILQ_FOREACH_SAFE(w, &P.queue, pw_link, wn) {
@@ -1025,10 +1026,14 @@ serve_queue(uint64_t now, uint64_t *next)
 		if (no_room) {
 			if (pending > 0)
 				pending--;
-			else
-				(void)serve_evict(w);
+			else if (!serve_evict(w))
+				need++;
 		}
 	}
+	/* Nothing idle to close: ask lessees to give sessions back
+	 * (multiplex mode parks its longest-idle clients). */
+	if (need > 0 && P.pressure != NULL)
+		P.pressure(need);
 }
 
 /* Retire idle sessions past reuse_timeout (before Exchange's autologout). */
@@ -1560,4 +1565,10 @@ pool_foreach_session(void (*fn)(const struct pool_session_info *si, void *arg),
 			si.idle_ms = now - e->pe_last_used_ms;
 			fn(&si, arg);
 		}
+}
+
+void
+pool_set_pressure(void (*fn)(unsigned need))
+{
+	P.pressure = fn;
 }

@@ -144,6 +144,14 @@ void pool_release(struct upstream *u, enum pool_release how);
 /* A leased session died; the lessee saw "lost".  The pool forgets it. */
 void pool_forget(struct upstream *u);
 
+/*
+ * Called from pool_tick when need waiters find the budget full and no idle
+ * session to close: the lessees should give sessions back (multiplex mode
+ * parks its longest-idle clients).  Repeated on later ticks while the
+ * shortage lasts, so the callee counts what it is already doing.
+ */
+void pool_set_pressure(void (*fn)(unsigned need));
+
 /* Timers: queue timeouts, idle retirement, token refill. */
 void pool_tick(void);
 

@@ -321,3 +321,129 @@ resync_diff(const struct resync_snap *old, const struct resync_snap *cur,
 	}
 	return 0;
 }
+
+/* ------------------------------------------------------------- parsing */
+
+static bool
+resync_num(const char **p, const char *end, uint32_t *n_r)
+{
+	uint64_t n = 0;
+	const char *q = *p;
+
+	if (q >= end || *q < '0' || *q > '9')
+		return false;
+	while (q < end && *q >= '0' && *q <= '9') {
+		n = n * 10 + (uint64_t)(*q - '0');
+		if (n > UINT32_MAX)
+			return false;
+		q++;
+	}
+	*p = q;
+	*n_r = (uint32_t)n;
+	return true;
+}
+
+static bool
+resync_word(const char **p, const char *end, const char *w)
+{
+	size_t n = strlen(w), i;
+
+	if ((size_t)(end - *p) < n)
+		return false;
+	for (i = 0; i < n; i++) {
+		char ch = (*p)[i];
+
+		if (ch >= 'a' && ch <= 'z')
+			ch = (char)(ch - 'a' + 'A');
+		if (ch != w[i])
+			return false;
+	}
+	*p += n;
+	return true;
+}
+
+int
+resync_parse_count(const char *line, size_t len, const char *word,
+    uint32_t *n_r)
+{
+	const char *p = line, *end = line + len;
+
+	while (end > p && (end[-1] == '\r' || end[-1] == '\n'))
+		end--;
+	if (!resync_word(&p, end, "* ") || !resync_num(&p, end, n_r) ||
+	    !resync_word(&p, end, " ") || !resync_word(&p, end, word))
+		return -1;
+	return p == end ? 0 : -1;
+}
+
+int
+resync_parse_uidvalidity(const char *line, size_t len, uint32_t *n_r)
+{
+	const char *p = line, *end = line + len;
+
+	if (!resync_word(&p, end, "* OK [UIDVALIDITY ") ||
+	    !resync_num(&p, end, n_r) || p >= end || *p != ']')
+		return -1;
+	return 0;
+}
+
+int
+resync_parse_fetch(const char *line, size_t len, uint32_t *msn_r,
+    uint32_t *uid_r, const char **flags_r, size_t *flags_len_r)
+{
+	const char *p = line, *end = line + len, *f = NULL;
+	bool have_uid = false;
+	size_t flen = 0;
+
+	while (end > p && (end[-1] == '\r' || end[-1] == '\n'))
+		end--;
+	if (!resync_word(&p, end, "* ") || !resync_num(&p, end, msn_r) ||
+	    !resync_word(&p, end, " FETCH ("))
+		return -1;
+	/* Items are "NAME value" pairs; only UID and FLAGS matter here, and
+	 * the server sends them without literals. */
+	while (p < end && *p != ')') {
+		if (*p == ' ') {
+			p++;
+			continue;
+		}
+		if (resync_word(&p, end, "UID ")) {
+			if (!resync_num(&p, end, uid_r))
+				return -1;
+			have_uid = true;
+		} else if (resync_word(&p, end, "FLAGS (")) {
+			f = p;
+			while (p < end && *p != ')')
+				p++;
+			if (p >= end)
+				return -1;
+			flen = (size_t)(p - f);
+			p++;
+		} else {
+			/* Skip an item we do not need: name, then a value
+			 * that is an atom or a parenthesised list. */
+			int depth = 0;
+
+			while (p < end && *p != ' ')
+				p++;
+			if (p < end)
+				p++;
+			while (p < end) {
+				if (*p == '(')
+					depth++;
+				else if (*p == ')') {
+					if (depth == 0)
+						break;
+					depth--;
+				} else if (*p == ' ' && depth == 0)
+					break;
+				p++;
+			}
+		}
+	}
+	if (!have_uid || f == NULL)
+		return -1;
+	*flags_r = f;
+	*flags_len_r = flen;
+	return 0;
+}

@@ -72,4 +72,20 @@ typedef void (*resync_emit_fn)(void *arg, enum resync_ev ev, size_t msn_or_count
 int resync_diff(const struct resync_snap *old, const struct resync_snap *cur,
     resync_emit_fn emit, void *arg);
 
+/*
+ * Parse "* n FETCH (... UID u ... FLAGS (f ...) ...)" (items in any order).
+ * Returns 0 with msn, uid and the flag list's contents (between the
+ * parentheses, not NUL-terminated) when the line carries both UID and
+ * FLAGS; -1 otherwise.
+ */
+int resync_parse_fetch(const char *line, size_t len, uint32_t *msn_r,
+    uint32_t *uid_r, const char **flags_r, size_t *flags_len_r);
+
+/* Parse "* n WORD" (e.g. EXISTS, EXPUNGE) into n.  Returns 0 or -1. */
+int resync_parse_count(const char *line, size_t len, const char *word,
+    uint32_t *n_r);
+
+/* Parse "* OK [UIDVALIDITY n] ..." into n.  Returns 0 or -1. */
+int resync_parse_uidvalidity(const char *line, size_t len, uint32_t *n_r);
+
 #endif

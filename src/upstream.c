@@ -485,8 +485,8 @@ up_login_line(struct upstream *u, const char *line, size_t len)
 		up_start_tls(u);
 		break;
 	case UP_S_CAPABILITY:
-		if (r.kind == IMAP_RESP_UNTAGGED && len >= 12 &&
-		    r.text_len == 0 && util_ieqn(line, 12, "* CAPABILITY")) {
+		if (r.kind == IMAP_RESP_UNTAGGED && r.status == IMAP_ST_NONE &&
+		    len >= 12 && util_ieqn(line, 12, "* CAPABILITY")) {
 			size_t n = len;
 
 			while (n > 0 && (line[n - 1] == '\r' || line[n - 1] == '\n'))

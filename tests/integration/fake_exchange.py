@@ -2,17 +2,34 @@
 fake_exchange.py - a scriptable IMAP server that answers like Exchange.
 
 Runs in threads of the test process (one accept thread, one thread per
-connection) on 127.0.0.1, implicit TLS by default.  It speaks just enough
-IMAP4rev1 for a proxy in front of it: greeting, CAPABILITY, LOGIN and
+connection; a few hundred connections are fine) on 127.0.0.1, implicit TLS
+by default.  It speaks the IMAP4rev1 an IMAP proxy in front of Exchange
+needs: greeting, CAPABILITY (no UNSELECT unless unselect=True), LOGIN and
 AUTHENTICATE PLAIN with Exchange's "domain/admin/mailbox" delegated names,
-NOOP, ID, NAMESPACE, LIST, SELECT/EXAMINE, FETCH/UID FETCH, APPEND, IDLE,
-LOGOUT, STARTTLS (tls="starttls").  Strings are Exchange's (DESIGN.md and
-exchange-imap-facts.md sections 1.7-1.8).
+NOOP, ID, NAMESPACE, LIST, STATUS, SELECT/EXAMINE, FETCH/UID FETCH (BODY[],
+BODY.PEEK[], RFC822, RFC822.SIZE, FLAGS, UID, INTERNALDATE), SEARCH/UID
+SEARCH, STORE, EXPUNGE, CLOSE (which expunges, as Exchange's does), UNSELECT
+(only when advertised), APPEND, IDLE/DONE, LOGOUT, STARTTLS (tls="starttls").
+Strings are Exchange's (DESIGN.md, exchange-imap-facts.md 1.7-1.8).
 
-It records everything: each connection (accepted, TLS outcome, closed), each
-command as received (bytes, literals inline), each LOGIN attempt, and the
-current and highest number of concurrent connections and logged-in sessions,
-in total and per admin account.
+Every mailbox has its own message store, created on first use with
+`messages_per_mailbox` messages; each message names its mailbox ("Subject:
+for <mailbox>", body lines "mailbox=<mailbox>" up to `message_size` bytes),
+so a test can tell whose bytes a client received.
+
+Exchange's MaxConnectionsPerUser is enforced: at most
+`max_connections_per_user` (default 16; `max_per_admin` per account)
+logged-in sessions per admin account; the next LOGIN gets "NO LOGIN failed."
+(recorded with reason UserConnectionLimitReached).
+
+It records everything: each connection (accepted, TLS outcome, the admin its
+LOGIN named, when the peer closed it), each command as received (bytes,
+literals inline, with its time), each LOGIN attempt (login_log:
+LoginRecord(t, conn_id, user, admin, mailbox, ok, reply, reason)), the
+highest number of concurrent connections in total and per admin account,
+counting a connection from TCP accept until its socket closes
+(max_concurrent(), max_concurrent_by_admin()), and logged-in sessions
+(max_sessions, max_by_admin).
 
 Fault injection goes through `script`, a dict of optional hooks; each may be
 changed while the server runs:
@@ -27,15 +44,20 @@ changed while the server runs:
   on_command(conn, tag, name, cmd)-> None | "drop" | "stall" | bytes
         bytes: sent instead of the normal reply (include the tagged line).
 
-Helpers fail_logins(k), bye_plaintext(), etc. build common hooks.
+drop_all() and kill_mailbox(name) close server-side connections abruptly
+(Exchange dropping sessions).  Helpers fail_logins(k), bye_plaintext(), etc.
+build common hooks.
 """
 
 import base64
+import collections
 import re
+import select
 import socket
 import ssl
 import threading
 import time
+import zlib
 
 GREETING = b"* OK The Microsoft Exchange IMAP4 service is ready.\r\n"
 CAPABILITY = (b"IMAP4 IMAP4rev1 AUTH=PLAIN UIDPLUS MOVE ID CHILDREN IDLE NAMESPACE "
@@ -56,9 +78,10 @@ class Message:
 class Mailbox:
     def __init__(self, name):
         self.name = name
-        self.uidvalidity = 1000 + (hash(name) & 0xFFFF)
+        self.uidvalidity = 1000 + (zlib.crc32(name.lower().encode()) & 0xFFFF)
         self.uidnext = 1
         self.messages = []
+        self.expunged = 0
 
     def add(self, data, flags=()):
         m = Message(self.uidnext, data, flags)
@@ -74,8 +97,10 @@ class Conn:
         self.server = server
         self.id = cid
         self.sock = sock
+        self.fd = sock.fileno()  # stays valid across wrap_socket (which detaches sock)
         self.peer = peer
         self.opened = time.monotonic()
+        self.closing = None      # when we started closing it (before the fd goes)
         self.closed = None
         self.tls = None          # True after a good handshake, False if it failed
         self.tls_error = None
@@ -83,8 +108,12 @@ class Conn:
         self.logins = []         # (monotonic time, user, password, reply str)
         self.replies = []        # bytes sent
         self.admin = None        # after a successful login
+        self.login_admin = None  # the admin account its first LOGIN named
         self.mailbox = None
         self.selected = None
+        self.read_only = False
+        self.gone = None         # when the peer was seen to have closed it
+        self.killed = False      # closed by drop_all() / kill_mailbox()
         self.idling_tag = None
         self.failed_logins = 0
         self.error = None
@@ -121,6 +150,8 @@ class Conn:
             out += data
 
     def close(self):
+        if self.closing is None:
+            self.closing = time.monotonic()
         try:
             # the plain socket's shutdown: SSLSocket.shutdown() would tear down
             # the SSL object under a reader in another thread
@@ -136,9 +167,58 @@ class Conn:
     def is_open(self):
         return self.closed is None
 
+    @property
+    def end(self):
+        """When this connection stopped counting (peer closed, or we did)."""
+        ts = [t for t in (self.gone, self.closing, self.closed) if t is not None]
+        return min(ts) if ts else None
+
+    def command_names(self):
+        return [command_name(cmd) for (_, cmd) in self.commands]
+
     def __repr__(self):
-        return "Conn(%d, tls=%s, admin=%s, mailbox=%s, %d cmds)" % (
-            self.id, self.tls, self.admin, self.mailbox, len(self.commands))
+        return "Conn(%d, tls=%s, admin=%s, mailbox=%s, %d cmds%s)" % (
+            self.id, self.tls, self.admin or self.login_admin, self.mailbox,
+            len(self.commands), ", killed" if self.killed else "")
+
+
+def command_name(cmd):
+    """The command name of a recorded command, upper case: "SELECT",
+    "UID FETCH", ...; "" for a continuation line (e.g. DONE counts as
+    "DONE")."""
+    toks = cmd.split(None, 3)
+    if len(toks) == 1:
+        return toks[0].decode(errors="replace").upper()
+    if len(toks) < 2:
+        return ""
+    name = toks[1].decode(errors="replace").upper()
+    if name == "UID" and len(toks) > 2:
+        name += " " + toks[2].decode(errors="replace").upper()
+    return name
+
+
+def mask_login(cmd):
+    """A recorded command with a LOGIN password masked (for reports)."""
+    m = re.match(rb"^(\S+ LOGIN (?:\"(?:[^\"\\\\]|\\\\.)*\"|\S+) ).*$", cmd, re.I | re.S)
+    return m.group(1) + b"*****\r\n" if m else cmd
+
+
+def make_message(mailbox, n, size=4096):
+    """Message number n of `mailbox`: every part of it names the mailbox."""
+    head = ("From: Voice Mail <voicemail@example.com>\r\n"
+            "To: %s@example.com\r\n"
+            "Subject: for %s\r\n"
+            "Message-ID: <%s.%d@fake-exchange.example.com>\r\n"
+            "Date: Thu, 01 Jan 2026 00:00:%02d +0000\r\n"
+            "MIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=us-ascii\r\n"
+            "\r\n"
+            "mailbox=%s message=%d\r\n" % (mailbox, mailbox, mailbox, n, n % 60, mailbox, n))
+    line = "mailbox=%s\r\n" % mailbox
+    body = head
+    while len(body) + len(line) <= size:
+        body += line
+    return body.encode()
 
 
 # ------------------------------------------------------------ tokenizer
@@ -217,10 +297,30 @@ def parse_seqset(s, maxn):
 
 # -------------------------------------------------------------- server
 
+LoginRecord = collections.namedtuple(
+    "LoginRecord", "t conn_id user admin mailbox ok reply reason")
+LoginRecord.__doc__ = """One LOGIN/AUTHENTICATE attempt as the fake saw it.
+t: monotonic time the command arrived; admin/mailbox: parsed from the
+delegated name (None if it had no domain/admin/mailbox form); ok: logged in;
+reply: the tagged reply text; reason: why it failed (Exchange's protocol-log
+ErrMsg, e.g. "UserConnectionLimitReached"), or "" on success."""
+
+
 class FakeExchange:
     def __init__(self, cert=None, admins=None, domain="example.com", tls="implicit",
-                 script=None, host="127.0.0.1", exchange_counters=True):
-        """cert: a harness.Cert (or object with .cert/.key) unless tls == "none"."""
+                 script=None, host="127.0.0.1", exchange_counters=True,
+                 unselect=False, max_connections_per_user=16, max_per_admin=None,
+                 messages_per_mailbox=3, message_size=4096, login_delay=0.0):
+        """cert: a harness.Cert (or object with .cert/.key) unless tls == "none".
+
+        unselect: advertise and implement UNSELECT (on-premises Exchange does
+        not; Exchange Online does).  max_connections_per_user: Exchange's
+        MaxConnectionsPerUser, the cap on concurrent logged-in sessions of one
+        admin account (beyond it: NO LOGIN failed.); max_per_admin overrides
+        it per admin name.  messages_per_mailbox / message_size: every
+        mailbox starts with that many messages of about that size, each
+        naming its mailbox.  login_delay: seconds to think before answering a
+        LOGIN (Exchange under load)."""
         self.cert = cert
         self.admins = dict(admins or {})
         self.domain = domain
@@ -228,8 +328,15 @@ class FakeExchange:
         self.script = script if script is not None else {}
         self.host = host
         self.exchange_counters = exchange_counters
+        self.unselect = unselect
+        self.max_connections_per_user = max_connections_per_user
+        self.max_per_admin = {k.lower(): v for k, v in (max_per_admin or {}).items()}
+        self.messages_per_mailbox = messages_per_mailbox
+        self.message_size = message_size
+        self.login_delay = login_delay
         self.mailboxes = {}
         self.connections = []
+        self.login_log = []
         self.lock = threading.RLock()
         self.stop_event = threading.Event()
         self.cur_conns = self.max_conns = 0
@@ -249,24 +356,32 @@ class FakeExchange:
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind((self.host, 0))
-        self.lsock.listen(128)
+        self.lsock.listen(1024)
         self.lsock.settimeout(0.2)
         self.port = self.lsock.getsockname()[1]
         t = threading.Thread(target=self._accept_loop, name="fake-exchange-accept", daemon=True)
         t.start()
-        self.threads.append(t)
+        self.accept_thread = t
         return self
 
-    def stop(self):
+    def stop(self, timeout=5.0):
+        """Stop accepting, close every connection, join the threads (bounded)."""
         self.stop_event.set()
         if self.lsock:
-            self.lsock.close()
+            try:
+                self.lsock.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        if getattr(self, "accept_thread", None):
+            self.accept_thread.join(timeout=max(0.1, deadline - time.monotonic()))
         with self.lock:
             conns = list(self.connections)
+            threads = list(self.threads)
         for c in conns:
             c.close()
-        for t in self.threads:
-            t.join(timeout=2)
+        for t in threads:
+            t.join(timeout=max(0.05, deadline - time.monotonic()))
 
     def __enter__(self):
         return self.start()
@@ -275,10 +390,14 @@ class FakeExchange:
         self.stop()
 
     def mailbox(self, name):
+        """The store of mailbox `name` (created, with its initial messages,
+        on first use)."""
         with self.lock:
             mb = self.mailboxes.get(name.lower())
             if mb is None:
                 mb = self.mailboxes[name.lower()] = Mailbox(name)
+                for i in range(1, self.messages_per_mailbox + 1):
+                    mb.add(make_message(name, i, self.message_size))
             return mb
 
     def push(self, mailbox, data, flags=()):
@@ -301,7 +420,29 @@ class FakeExchange:
         with self.lock:
             conns = [c for c in self.connections if c.is_open]
         for c in conns:
+            c.killed = True
             c.close()
+        return len(conns)
+
+    def kill_mailbox(self, mailbox, bye=None):
+        """Close every open server-side connection logged in to `mailbox`
+        (Exchange dropping a pooled session); bye: a line sent first, e.g.
+        b"* BYE Connection is closed. 13\\r\\n".  Returns how many."""
+        with self.lock:
+            conns = [c for c in self.connections if c.is_open and c.mailbox
+                     and c.mailbox.lower() == mailbox.lower()]
+        for c in conns:
+            c.killed = True
+            if bye:
+                try:
+                    c.write(bye)
+                except OSError:
+                    pass
+            c.close()
+        for c in conns:
+            deadline = time.monotonic() + 2
+            while c.is_open and time.monotonic() < deadline:
+                time.sleep(0.01)
         return len(conns)
 
     # ---- records
@@ -318,9 +459,61 @@ class FakeExchange:
         with self.lock:
             return [(t, u, p, r) for c in self.connections for (t, u, p, r) in c.logins]
 
+    def logins(self, ok=None, mailbox=None, admin=None):
+        """LoginRecords in arrival order, optionally filtered."""
+        with self.lock:
+            recs = sorted(self.login_log, key=lambda r: r.t)
+        return [r for r in recs
+                if (ok is None or r.ok == ok)
+                and (mailbox is None or (r.mailbox or "").lower() == mailbox.lower())
+                and (admin is None or (r.admin or "").lower() == admin.lower())]
+
+    def commands(self, name=None, mailbox=None):
+        """(conn, time, command bytes) in arrival order; name: the command
+        name ("SELECT", "UID FETCH", ...), mailbox: the connection's."""
+        out = []
+        with self.lock:
+            for c in self.connections:
+                if mailbox is not None and (c.mailbox or "").lower() != mailbox.lower():
+                    continue
+                for t, cmd in c.commands:
+                    if name is None or command_name(cmd) == name.upper():
+                        out.append((c, t, cmd))
+        out.sort(key=lambda x: x[1])
+        return out
+
+    def connections_of(self, mailbox):
+        with self.lock:
+            return [c for c in self.connections
+                    if (c.mailbox or "").lower() == mailbox.lower()]
+
     def open_connections(self):
         with self.lock:
             return [c for c in self.connections if c.is_open]
+
+    def max_concurrent(self, admin=None):
+        """Most connections open at once, counting each from TCP accept to
+        the moment its peer closed (or we did).  admin: only connections
+        whose (first) LOGIN named that admin account, counted from accept."""
+        with self.lock:
+            conns = [c for c in self.connections
+                     if admin is None or (c.login_admin or "").lower() == admin.lower()]
+            spans = [(c.opened, c.end) for c in conns]
+        ev = []
+        for a, b in spans:
+            ev.append((a, 1))
+            ev.append((float("inf") if b is None else b, -1))
+        ev.sort()          # at equal times, -1 sorts before +1
+        cur = best = 0
+        for _, d in ev:
+            cur += d
+            best = max(best, cur)
+        return best
+
+    def max_concurrent_by_admin(self):
+        with self.lock:
+            names = sorted({c.login_admin for c in self.connections if c.login_admin})
+        return {a: self.max_concurrent(a) for a in names}
 
     def wait_for(self, pred, timeout=10.0, interval=0.02):
         deadline = time.monotonic() + timeout
@@ -332,18 +525,55 @@ class FakeExchange:
             time.sleep(interval)
         return None
 
-    def summary(self):
+    def summary(self, max_conns=40, max_cmds=12):
         with self.lock:
-            lines = ["fake_exchange port %d: %d connections, max %d concurrent, "
-                     "max %d sessions" % (self.port, len(self.connections),
-                                          self.max_conns, self.max_sessions)]
-            for c in self.connections:
-                lines.append("  %r tls_error=%r" % (c, c.tls_error))
-                for _, cmd in c.commands[:20]:
-                    lines.append("    C: %r" % cmd[:200])
-            return "\n".join(lines)
+            conns = list(self.connections)
+            lines = ["fake_exchange port %d: %d connections, max %d concurrent (live count), "
+                     "max %d logged in; logins ok=%d failed=%d"
+                     % (self.port or 0, len(conns), self.max_conns, self.max_sessions,
+                        sum(1 for r in self.login_log if r.ok),
+                        sum(1 for r in self.login_log if not r.ok))]
+        lines.append("  max concurrent (accept..close): total %d, by admin %r"
+                     % (self.max_concurrent(), self.max_concurrent_by_admin()))
+        shown = conns if len(conns) <= max_conns else conns[:max_conns // 2] + conns[-max_conns // 2:]
+        if len(shown) < len(conns):
+            lines.append("  (showing %d of %d connections)" % (len(shown), len(conns)))
+        t0 = conns[0].opened if conns else 0
+        for c in shown:
+            lines.append("  %r open=+%.3f end=%s tls_error=%r error=%r" % (
+                c, c.opened - t0, "-" if c.end is None else "+%.3f" % (c.end - t0),
+                c.tls_error, c.error))
+            for t, cmd in c.commands[:max_cmds]:
+                lines.append("    +%.3f C: %r" % (t - t0, mask_login(cmd)[:160]))
+            if len(c.commands) > max_cmds:
+                lines.append("    ... %d more commands" % (len(c.commands) - max_cmds))
+        return "\n".join(lines)
 
     # ---- internals
+    def _peer_gone(self, conn):
+        """Has the peer closed (FIN/RST) this connection, as the kernel sees it
+        right now?  (The serving thread may not have noticed yet.)"""
+        if conn.end is not None:
+            return True
+        # conn.fd, not conn.sock.fileno(): wrap_socket() detaches the plain
+        # socket (fileno -1) while the handshake runs.  The fd is closed only
+        # after conn.closing is set, so it cannot have been reused here.
+        p = select.poll()
+        p.register(conn.fd, select.POLLRDHUP)
+        try:
+            ev = p.poll(0)
+        except OSError:
+            return True
+        return any(e & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                   for _, e in ev)
+
+    def _note_gone(self, conns):
+        """Mark connections whose peer has gone (for exact accounting)."""
+        now = time.monotonic()
+        for c in conns:
+            if c.gone is None and c.closed is None and self._peer_gone(c):
+                c.gone = now
+
     def _accept_loop(self):
         cid = 0
         while not self.stop_event.is_set():
@@ -353,16 +583,24 @@ class FakeExchange:
                 continue
             except OSError:
                 break
+            if self.stop_event.is_set():
+                sock.close()
+                break
             cid += 1
-            conn = Conn(self, cid, sock, peer)
             with self.lock:
+                # connections the peer closed before opening this one do not
+                # overlap with it, however late their threads notice the EOF
+                self._note_gone([c for c in self.connections if c.is_open])
+                conn = Conn(self, cid, sock, peer)
                 self.connections.append(conn)
                 self.cur_conns += 1
                 self.max_conns = max(self.max_conns, self.cur_conns)
+                self.threads = [t for t in self.threads if t.is_alive()]
             t = threading.Thread(target=self._serve, args=(conn,),
                                  name="fake-exchange-%d" % cid, daemon=True)
+            with self.lock:
+                self.threads.append(t)
             t.start()
-            self.threads.append(t)
 
     def _hook(self, name, *args):
         fn = self.script.get(name)
@@ -376,7 +614,7 @@ class FakeExchange:
                     return
             except socket.timeout:
                 continue
-            except OSError:
+            except (OSError, ValueError):
                 return
 
     def _serve(self, conn):
@@ -390,6 +628,8 @@ class FakeExchange:
             conn.close()
             with self.lock:
                 conn.closed = time.monotonic()
+                if conn.gone is None:
+                    conn.gone = conn.closed
                 self.cur_conns -= 1
                 if conn.admin:
                     self._logout_count(conn)
@@ -445,6 +685,15 @@ class FakeExchange:
     def _reply(self, conn, data):
         conn.write(data if isinstance(data, bytes) else data.encode())
 
+    def capability(self, conn):
+        if self.tls_mode == "starttls" and not isinstance(conn.sock, ssl.SSLSocket):
+            caps = CAPABILITY_PLAIN
+        else:
+            caps = CAPABILITY
+        if self.unselect:
+            caps += b" UNSELECT"
+        return caps
+
     def _dispatch(self, conn, cmd):
         """Handle one command; False ends the connection."""
         toks = tokenize(cmd)
@@ -469,10 +718,8 @@ class FakeExchange:
             self._reply(conn, t + b"BAD Command received in Invalid state.\r\n")
             return True
         if name == "CAPABILITY":
-            caps = CAPABILITY
-            if self.tls_mode == "starttls" and not isinstance(conn.sock, ssl.SSLSocket):
-                caps = CAPABILITY_PLAIN
-            self._reply(conn, b"* CAPABILITY " + caps + b"\r\n" + t + b"OK CAPABILITY completed.\r\n")
+            self._reply(conn, b"* CAPABILITY " + self.capability(conn) + b"\r\n"
+                        + t + b"OK CAPABILITY completed.\r\n")
         elif name == "NOOP":
             self._reply(conn, t + b"OK NOOP completed.\r\n")
         elif name == "ID":
@@ -516,6 +763,8 @@ class FakeExchange:
         elif name in ("LIST", "LSUB"):
             self._reply(conn, b'* %s (\\HasNoChildren) "/" INBOX\r\n' % name.encode()
                         + t + b"OK %s completed.\r\n" % name.encode())
+        elif name == "STATUS":
+            self._status(conn, t, args)
         elif name == "IDLE":
             conn.idling_tag = tag
             self._reply(conn, b"+ IDLE accepted, awaiting DONE command.\r\n")
@@ -531,45 +780,108 @@ class FakeExchange:
             self._append(conn, t, args)
         elif name == "FETCH":
             self._fetch(conn, t, args, uid=False)
+        elif name == "SEARCH":
+            self._search(conn, t, args, uid=False)
+        elif name == "STORE":
+            self._store(conn, t, args, uid=False)
         elif name == "UID" and args and args[0].upper() == b"FETCH":
             self._fetch(conn, t, args[1:], uid=True)
+        elif name == "UID" and args and args[0].upper() == b"SEARCH":
+            self._search(conn, t, args[1:], uid=True)
+        elif name == "UID" and args and args[0].upper() == b"STORE":
+            self._store(conn, t, args[1:], uid=True)
+        elif name == "CLOSE":
+            # expunges \Deleted messages of a read-write selection: the reason
+            # imapshim must never use CLOSE as its reset
+            if conn.selected is None:
+                self._reply(conn, t + b"BAD Command received in Invalid state.\r\n")
+            else:
+                if not conn.read_only:
+                    self._expunge(conn.selected)
+                conn.selected = None
+                self._reply(conn, t + b"OK CLOSE completed.\r\n")
+        elif name == "UNSELECT" and self.unselect:
+            if conn.selected is None:
+                self._reply(conn, t + b"BAD Command received in Invalid state.\r\n")
+            else:
+                conn.selected = None
+                self._reply(conn, t + b"OK UNSELECT completed.\r\n")
+        elif name == "EXPUNGE":
+            if conn.selected is None or conn.read_only:
+                self._reply(conn, t + b"NO Command received in Invalid state.\r\n")
+            else:
+                gone = self._expunge(conn.selected)
+                self._reply(conn, b"".join(b"* %d EXPUNGE\r\n" % s for s in gone)
+                            + t + b"OK EXPUNGE completed.\r\n")
         elif name in ("CHECK",):
             self._reply(conn, t + b"OK CHECK completed.\r\n")
         else:
             self._reply(conn, t + b"BAD Command Error. 12\r\n")
         return True
 
+    def _admin_cap(self, admin):
+        return self.max_per_admin.get(admin.lower(), self.max_connections_per_user)
+
     def _login(self, conn, t, user, pw, kind):
+        t_arrived = time.monotonic()
         user_s = user.decode("utf-8", errors="replace")
         pw_s = pw.decode("utf-8", errors="replace")
+        parts = re.split(r"[/\\]", user_s)
+        named_admin = None
+        if len(parts) == 3:
+            named_admin = next((a for a in self.admins if a.lower() == parts[1].lower()),
+                               parts[1])
+        if conn.login_admin is None:
+            conn.login_admin = named_admin
+        if self.login_delay:
+            time.sleep(self.login_delay)
         act = self._hook("on_login", conn, user_s, pw_s)
+        mailbox = parts[2] if len(parts) == 3 else None
+
+        def record(reply, ok, reason):
+            with self.lock:
+                conn.logins.append((t_arrived, user_s, pw_s, reply))
+                self.login_log.append(LoginRecord(t_arrived, conn.id, user_s, named_admin,
+                                                  mailbox, ok, reply, reason))
         if act == "drop":
-            conn.logins.append((time.monotonic(), user_s, pw_s, "drop"))
+            record("drop", False, "drop")
             return False
         if act == "stall":
-            conn.logins.append((time.monotonic(), user_s, pw_s, "stall"))
+            record("stall", False, "stall")
             self._stall(conn)
             return False
-        parts = re.split(r"[/\\]", user_s)
         ok = False
         admin = None
+        reason = ""
         if act is None:
             if len(parts) == 3 and parts[0].lower() == self.domain.lower():
                 for a, p in self.admins.items():
                     if a.lower() == parts[1].lower() and p == pw_s:
                         ok, admin = True, a
+            if not ok:
+                reason = "AuthFailed"
+            if ok:
+                with self.lock:
+                    # Exchange first disposes of the user's disconnected sessions
+                    mine = [c for c in self.connections if c is not conn and c.is_open
+                            and c.admin == admin]
+                    self._note_gone(mine)
+                    live = sum(1 for c in mine if c.gone is None)
+                    if live >= self._admin_cap(admin):
+                        ok, admin, reason = False, None, "UserConnectionLimitReached"
+                    else:
+                        self._login_count(conn, admin)
             reply = ("OK %s completed." % kind) if ok else ("NO %s failed." % kind)
         else:
             reply = act
             ok = reply.startswith("OK")
-            if ok and len(parts) == 3:
-                admin = parts[1]
-            elif ok:
-                admin = "?"
-        conn.logins.append((time.monotonic(), user_s, pw_s, reply))
+            reason = "" if ok else "script"
+            if ok:
+                admin = named_admin if named_admin else "?"
+                self._login_count(conn, admin)
+        record(reply, ok, reason)
         if ok:
-            conn.mailbox = parts[2] if len(parts) == 3 else user_s
-            self._login_count(conn, admin)
+            conn.mailbox = mailbox if mailbox is not None else user_s
             self._reply(conn, t + reply.encode() + b"\r\n")
             return True
         conn.failed_logins += 1
@@ -586,17 +898,39 @@ class FakeExchange:
             return
         mb = self.mailbox(conn.mailbox)
         conn.selected = mb
+        ro = name == "EXAMINE"
+        conn.read_only = ro
         with self.lock:
             n = len(mb.messages)
-        ro = name == "EXAMINE"
+            unseen = next((i + 1 for i, m in enumerate(mb.messages) if "\\Seen" not in m.flags),
+                          None)
+            uidnext = mb.uidnext
         self._reply(conn, b"* %d EXISTS\r\n* 0 RECENT\r\n" % n
                     + b"* FLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft $MDNSent)\r\n"
                     + b"* OK [PERMANENTFLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft $MDNSent)] "
                     + b"Permanent flags\r\n"
+                    + (b"* OK [UNSEEN %d] Is the first unseen message\r\n" % unseen
+                       if unseen else b"")
                     + b"* OK [UIDVALIDITY %d] UIDVALIDITY value\r\n" % mb.uidvalidity
-                    + b"* OK [UIDNEXT %d] The next unique identifier value\r\n" % mb.uidnext
+                    + b"* OK [UIDNEXT %d] The next unique identifier value\r\n" % uidnext
                     + t + (b"OK [READ-ONLY] EXAMINE completed.\r\n" if ro
                            else b"OK [READ-WRITE] SELECT completed.\r\n"))
+
+    def _status(self, conn, t, args):
+        if len(args) < 2 or args[0].upper() != b"INBOX":
+            self._reply(conn, t + b"NO " + (args[0] if args else b"") + b" doesn't exist.\r\n")
+            return
+        mb = self.mailbox(conn.mailbox)
+        with self.lock:
+            vals = {b"MESSAGES": len(mb.messages), b"RECENT": 0, b"UIDNEXT": mb.uidnext,
+                    b"UIDVALIDITY": mb.uidvalidity,
+                    b"UNSEEN": sum(1 for m in mb.messages if "\\Seen" not in m.flags)}
+        want = args[1].strip(b"()").upper().split()
+        if not want or any(w not in vals for w in want):
+            self._reply(conn, t + b"BAD Command Argument Error. 11\r\n")
+            return
+        self._reply(conn, b"* STATUS INBOX (" + b" ".join(b"%s %d" % (w, vals[w]) for w in want)
+                    + b")\r\n" + t + b"OK STATUS completed.\r\n")
 
     def _append(self, conn, t, args):
         if len(args) < 2:
@@ -613,42 +947,120 @@ class FakeExchange:
             m = mb.add(args[-1], flags)
         self._reply(conn, t + b"OK [APPENDUID %d %d] APPEND completed.\r\n" % (mb.uidvalidity, m.uid))
 
+    def _select_msgs(self, conn, seqset, uid):
+        """[(seq, Message)] for a sequence set, or None if it is invalid."""
+        with self.lock:
+            msgs = list(conn.selected.messages)
+        try:
+            if uid:
+                maxuid = msgs[-1].uid if msgs else 0
+                wanted = set(parse_seqset(seqset, maxuid))
+                return [(i + 1, m) for i, m in enumerate(msgs) if m.uid in wanted]
+            wanted = parse_seqset(seqset, len(msgs))
+        except ValueError:
+            return None
+        if any(w < 1 or w > len(msgs) for w in wanted):
+            return None
+        return [(w, msgs[w - 1]) for w in wanted]
+
     def _fetch(self, conn, t, args, uid):
-        mb = conn.selected
-        if mb is None or len(args) < 2:
+        if conn.selected is None or len(args) < 2:
             self._reply(conn, t + b"BAD Command received in Invalid state.\r\n")
             return
-        with self.lock:
-            msgs = list(mb.messages)
+        sel = self._select_msgs(conn, args[0], uid)
+        if sel is None:
+            self._reply(conn, t + b"BAD The specified message set is invalid.\r\n")
+            return
         items = b" ".join(args[1:]).upper()
-        out = b""
-        if uid:
-            maxuid = msgs[-1].uid if msgs else 0
-            wanted = set(parse_seqset(args[0], maxuid))
-            sel = [(i + 1, m) for i, m in enumerate(msgs) if m.uid in wanted]
-        else:
-            try:
-                wanted = parse_seqset(args[0], len(msgs))
-            except ValueError:
-                wanted = []
-            if any(w < 1 or w > len(msgs) for w in wanted):
-                self._reply(conn, t + b"BAD The specified message set is invalid.\r\n")
-                return
-            sel = [(w, msgs[w - 1]) for w in wanted]
+        want_body = b"BODY[]" in items or b"BODY.PEEK[]" in items
+        want_rfc822 = bool(re.search(rb"\bRFC822\b(?!\.)", items))
+        sets_seen = (b"BODY[]" in items or want_rfc822) and not conn.read_only
+        out = []
         for seq, m in sel:
             parts = []
             if uid or b"UID" in items:
                 parts.append(b"UID %d" % m.uid)
+            if sets_seen:
+                with self.lock:
+                    m.flags.add("\\Seen")
             if b"FLAGS" in items:
                 parts.append(b"FLAGS (" + " ".join(sorted(m.flags)).encode() + b")")
+            if b"INTERNALDATE" in items:
+                parts.append(b'INTERNALDATE "01-Jan-2026 00:00:00 +0000"')
             if b"RFC822.SIZE" in items:
                 parts.append(b"RFC822.SIZE %d" % len(m.data))
-            if b"BODY[]" in items or b"BODY.PEEK[]" in items:
+            if want_body:
                 parts.append(b"BODY[] {%d}\r\n" % len(m.data) + m.data)
-            elif re.search(rb"\bRFC822\b(?!\.)", items):
+            elif want_rfc822:
                 parts.append(b"RFC822 {%d}\r\n" % len(m.data) + m.data)
-            out += b"* %d FETCH (" % seq + b" ".join(parts) + b")\r\n"
-        self._reply(conn, out + t + b"OK FETCH completed.\r\n")
+            out.append(b"* %d FETCH (" % seq + b" ".join(parts) + b")\r\n")
+        self._reply(conn, b"".join(out) + t + b"OK FETCH completed.\r\n")
+
+    def _search(self, conn, t, args, uid):
+        if conn.selected is None:
+            self._reply(conn, t + b"BAD Command received in Invalid state.\r\n")
+            return
+        with self.lock:
+            msgs = list(conn.selected.messages)
+        keys = [a.upper() for a in args]
+        if keys[:1] == [b"CHARSET"]:
+            if len(keys) < 2 or keys[1] not in (b"US-ASCII", b"UTF-8"):
+                self._reply(conn, t + b"NO [BADCHARSET (US-ASCII)] The specified charset is "
+                            b"not supported.\r\n")
+                return
+            keys = keys[2:]
+        hits = []
+        for i, m in enumerate(msgs):
+            ok = True
+            for k in keys:
+                if k == b"SEEN":
+                    ok = ok and "\\Seen" in m.flags
+                elif k == b"UNSEEN":
+                    ok = ok and "\\Seen" not in m.flags
+                elif k == b"DELETED":
+                    ok = ok and "\\Deleted" in m.flags
+                elif k == b"UNDELETED":
+                    ok = ok and "\\Deleted" not in m.flags
+            if ok:
+                hits.append(m.uid if uid else i + 1)
+        self._reply(conn, b"* SEARCH" + b"".join(b" %d" % h for h in hits) + b"\r\n"
+                    + t + b"OK SEARCH completed.\r\n")
+
+    def _store(self, conn, t, args, uid):
+        if conn.selected is None or len(args) < 3:
+            self._reply(conn, t + b"BAD Command received in Invalid state.\r\n")
+            return
+        if conn.read_only:
+            self._reply(conn, t + b"NO Command received in Invalid state.\r\n")
+            return
+        sel = self._select_msgs(conn, args[0], uid)
+        if sel is None:
+            self._reply(conn, t + b"BAD The specified message set is invalid.\r\n")
+            return
+        op = args[1].upper()
+        flags = {f.decode() for f in b" ".join(args[2:]).strip(b"()").split()}
+        out = []
+        for seq, m in sel:
+            with self.lock:
+                if op.startswith(b"+"):
+                    m.flags |= flags
+                elif op.startswith(b"-"):
+                    m.flags -= flags
+                else:
+                    m.flags = set(flags)
+                fl = " ".join(sorted(m.flags)).encode()
+            if not op.endswith(b".SILENT"):
+                out.append(b"* %d FETCH (%sFLAGS (%s))\r\n"
+                           % (seq, b"UID %d " % m.uid if uid else b"", fl))
+        self._reply(conn, b"".join(out) + t + b"OK STORE completed.\r\n")
+
+    def _expunge(self, mb):
+        """Remove \\Deleted messages; their sequence numbers, highest first."""
+        with self.lock:
+            gone = [i + 1 for i, m in enumerate(mb.messages) if "\\Deleted" in m.flags]
+            mb.messages = [m for m in mb.messages if "\\Deleted" not in m.flags]
+            mb.expunged += len(gone)
+        return sorted(gone, reverse=True)
 
 
 # ------------------------------------------------------------ hook helpers

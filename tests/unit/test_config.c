@@ -265,8 +265,7 @@ test_defaults(void **state)
 	assert_int_equal(c->login_timeout_ms, 20000);
 	assert_int_equal(c->command_timeout_ms, 120000);
 
-	/* DESIGN's default is multiplex; until it is built, session. */
-	assert_int_equal(c->pool_mode, CFG_POOL_SESSION);
+	assert_int_equal(c->pool_mode, CFG_POOL_MULTIPLEX);
 	assert_int_equal(c->session_budget, 2048);
 	assert_int_equal(c->queue_timeout_ms, 30000);
 	assert_int_equal(c->park_after_ms, 10000);

@@ -211,6 +211,20 @@ STEP="make check (build/)"
 say "make check in build/"
 (cd build && make -j2 check)
 
+STEP="make install (build/)"
+say "make install DESTDIR=... in build/"
+dest=$(mktemp -d)
+(cd build && make install DESTDIR="$dest" >/dev/null)
+for f in sbin/imapshim bin/imapshim-top share/man/man8/imapshim.8 \
+    share/man/man5/imapshim.ini.5 etc/imapshim/imapshim.ini.example \
+    lib/systemd/system/imapshim.service etc/logrotate.d/imapshim; do
+	if [ ! -e "$dest/usr/local/$f" ]; then
+		echo "make install did not install $f" >&2
+		exit 1
+	fi
+done
+rm -rf "$dest"
+
 STEP="sanitizer build and check (build-asan/)"
 say "configure --enable-sanitizers and make check in build-asan/"
 mkdir -p build-asan

@@ -531,6 +531,20 @@ cfg_set_uint(const struct cfg_key *k, void *base, const char *v, bool append,
 	return 0;
 }
 
+/* A size within the key's range, for the two setters below. */
+static int
+cfg_size_value(const struct cfg_key *k, const char *v, uint64_t *n_r,
+    char *err, size_t errlen)
+{
+	if (config_parse_size(v, n_r) == -1) {
+		cfg_errmsg(err, errlen,
+		    "'%s' is not a size (bytes, or a number with k, M or G)",
+		    v);
+		return -1;
+	}
+	return cfg_range(k, *n_r, false, err, errlen);
+}
+
 static int
 cfg_set_size64(const struct cfg_key *k, void *base, const char *v,
     bool append, char *err, size_t errlen)
@@ -538,13 +552,7 @@ cfg_set_size64(const struct cfg_key *k, void *base, const char *v,
 	uint64_t n;
 
 	(void)append;
-	if (config_parse_size(v, &n) == -1) {
-		cfg_errmsg(err, errlen,
-		    "'%s' is not a size (bytes, or a number with k, M or G)",
-		    v);
-		return -1;
-	}
-	if (cfg_range(k, n, false, err, errlen) == -1)
+	if (cfg_size_value(k, v, &n, err, errlen) == -1)
 		return -1;
 	*FIELD(base, k->off, uint64_t) = n;
 	return 0;
@@ -557,13 +565,7 @@ cfg_set_size(const struct cfg_key *k, void *base, const char *v,
 	uint64_t n;
 
 	(void)append;
-	if (config_parse_size(v, &n) == -1) {
-		cfg_errmsg(err, errlen,
-		    "'%s' is not a size (bytes, or a number with k, M or G)",
-		    v);
-		return -1;
-	}
-	if (cfg_range(k, n, false, err, errlen) == -1)
+	if (cfg_size_value(k, v, &n, err, errlen) == -1)
 		return -1;
 	*FIELD(base, k->off, size_t) = (size_t)n;
 	return 0;

@@ -436,6 +436,16 @@ up_start_tls(struct upstream *u)
 	up_set_state(u, UP_S_HANDSHAKE);
 }
 
+/* The server refused the login (NO or BAD): count it, fail with its words. */
+static void
+up_login_refused(struct upstream *u, const struct imap_resp *r)
+{
+	u->up_no += r->status == IMAP_ST_NO;
+	u->up_bad += r->status == IMAP_ST_BAD;
+	up_fail(u, UP_FAIL_LOGIN, "%s %.*s", r->status == IMAP_ST_NO ? "NO" :
+	    "BAD", (int)(r->text_len > 300 ? 300 : r->text_len), r->text);
+}
+
 /* One response line while logging in. */
 static void
 up_login_line(struct upstream *u, const char *line, size_t len)
@@ -500,11 +510,7 @@ up_login_line(struct upstream *u, const char *line, size_t len)
 			/* Exchange Online says OK to LOGIN and then "BAD User
 			 * is authenticated but not connected." to everything:
 			 * the login failed after all (DESIGN 3.5). */
-			u->up_no += r.status == IMAP_ST_NO;
-			u->up_bad += r.status == IMAP_ST_BAD;
-			up_fail(u, UP_FAIL_LOGIN, "%s %.*s",
-			    r.status == IMAP_ST_NO ? "NO" : "BAD",
-			    (int)(r.text_len > 300 ? 300 : r.text_len), r.text);
+			up_login_refused(u, &r);
 			break;
 		}
 		if (r.status != IMAP_ST_OK) {
@@ -520,11 +526,7 @@ up_login_line(struct upstream *u, const char *line, size_t len)
 		if (!mine)
 			break;
 		if (r.status != IMAP_ST_OK) {
-			u->up_no += r.status == IMAP_ST_NO;
-			u->up_bad += r.status == IMAP_ST_BAD;
-			up_fail(u, UP_FAIL_LOGIN, "%s %.*s",
-			    r.status == IMAP_ST_NO ? "NO" : "BAD",
-			    (int)(r.text_len > 300 ? 300 : r.text_len), r.text);
+			up_login_refused(u, &r);
 			break;
 		}
 		u->up_logged_in = true;

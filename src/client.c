@@ -184,6 +184,7 @@ struct client {
 	bool cl_idle_ending;		/* DONE sent to park an IDLE client */
 	bool cl_idle_refresh;		/* DONE sent to renew a long IDLE */
 	uint64_t cl_active_ms;		/* last command, for longest-idle */
+	uint64_t cl_up_active_ms;	/* last command sent or reply byte */
 
 	uint64_t cl_started_ms;
 	uint64_t cl_bytes_in, cl_bytes_out;
@@ -248,6 +249,7 @@ static void cl_write_cb(struct bufferevent *bev, void *arg);
 static void cl_event_cb(struct bufferevent *bev, short what, void *arg);
 static void cl_close(struct client *c, const char *reason, const char *bye);
 static void cl_park_timer_cb(evutil_socket_t fd, short what, void *arg);
+static void cl_up_lost(void *arg, const char *reason);
 static void cl_lru_remove(struct client *c);
 static void cl_touch(struct client *c);
 static void cl_park(struct client *c);
@@ -1215,6 +1217,10 @@ cl_command_sent(struct client *c)
 	struct cl_pend *p = c->cl_cur_pend;
 
 	c->cl_cur = CL_CUR_NONE;
+	c->cl_up_active_ms = util_now_ms();
+	if (c->cl_up != NULL && cl_cfg()->command_timeout_ms <
+	    cl_cfg()->client_idle_timeout_ms)
+		cl_arm_timer(c, cl_cfg()->command_timeout_ms);
 	if (c->cl_up != NULL || p == NULL || p->done)
 		return;
 	/* The upstream was lost while the client was still sending: the
@@ -2027,6 +2033,7 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 		evbuffer_drain(in, fr->len);
 		return;
 	}
+	c->cl_up_active_ms = util_now_ms();
 	if (resp != NULL && resp->kind == IMAP_RESP_UNTAGGED)
 		cl_track_untagged(c, fr, in);
 	if (resp != NULL && resp->kind == IMAP_RESP_TAGGED) {
@@ -2471,6 +2478,35 @@ cl_event_cb(struct bufferevent *bev, short what, void *arg)
 	}
 }
 
+/*
+ * A relayed command has waited command_timeout for its reply: the upstream
+ * is stuck.  Treat it as lost (read-only commands run again elsewhere).
+ * Returns true when it acted; otherwise re-arms the timer for whichever
+ * comes first, this deadline or the idle timeout.
+ */
+static bool
+cl_command_overdue(struct client *c)
+{
+	const struct config *cfg = cl_cfg();
+	uint64_t now = util_now_ms(), due = c->cl_up_active_ms +
+	    cfg->command_timeout_ms;
+	struct upstream *u = c->cl_up;
+
+	if (now < due) {
+		cl_arm_timer(c, due - now < cfg->client_idle_timeout_ms ?
+		    due - now : cfg->client_idle_timeout_ms);
+		return true;
+	}
+	log_warn("client_command_timeout", "id=%llu mailbox=%s timeout_ms=%llu",
+	    (unsigned long long)c->cl_id, c->cl_name.mailbox,
+	    (unsigned long long)cfg->command_timeout_ms);
+	upstream_abort(u, "command-timeout");
+	cl_up_lost(c, "no reply within command_timeout");
+	if (c->cl_state != CL_S_CLOSING)
+		cl_arm_timer(c, cfg->client_idle_timeout_ms);
+	return true;
+}
+
 static void
 cl_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -2489,10 +2525,16 @@ cl_timer_cb(evutil_socket_t fd, short what, void *arg)
 	case CL_S_PARKED:
 	case CL_S_PARKING:
 	case CL_S_ATTACHING:
-		if (c->cl_pend_len > 0 || c->cl_state == CL_S_PARKING ||
-		    c->cl_state == CL_S_ATTACHING) {
-			/* A command is running (IDLE, a long FETCH): that
-			 * is not idleness. */
+		if (c->cl_state == CL_S_AUTH && c->cl_up != NULL &&
+		    c->cl_inflight > 0 && !c->cl_in_idle &&
+		    c->cl_cur == CL_CUR_NONE && cl_command_overdue(c))
+			break;
+		if (c->cl_cur == CL_CUR_NONE && (c->cl_pend_len > 0 ||
+		    c->cl_state == CL_S_PARKING ||
+		    c->cl_state == CL_S_ATTACHING)) {
+			/* The server is working (a long FETCH) or the client
+			 * idles in IDLE: that is not idleness.  A client that
+			 * stopped half way through its own command is. */
 			cl_arm_timer(c, cl_cfg()->client_idle_timeout_ms);
 			break;
 		}

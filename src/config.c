@@ -1321,7 +1321,9 @@ cfg_read_password(struct cfg_state *st, bool check_files, size_t ai)
 	char *nl;
 	int fd;
 
-	if ((fd = open(a->password_file, O_RDONLY | O_CLOEXEC | O_NOCTTY)) ==
+	/* O_NONBLOCK: a FIFO named by mistake must not hang a reload. */
+	if ((fd = open(a->password_file, O_RDONLY | O_CLOEXEC | O_NOCTTY |
+	    O_NONBLOCK)) ==
 	    -1) {
 		if (check_files)
 			cfg_err(st, line, st->sect_disp, "password_file",

@@ -588,7 +588,10 @@ up_read_cb(struct bufferevent *bev, void *arg)
 
 	while (!u->up_fail_pending && !u->up_paused &&
 	    relay_frame_next(&u->up_framer, in, &fr, &line)) {
-		if (fr.kind == IMAP_FR_OVERFLOW) {
+		if (fr.kind == IMAP_FR_OVERFLOW ||
+		    (fr.kind == IMAP_FR_LINE && fr.lit_toobig)) {
+			/* A line past our limit, or a literal length no real
+			 * server sends: the stream cannot be framed any more. */
 			evbuffer_drain(in, fr.len);
 			if (u->up_closing)
 				continue;

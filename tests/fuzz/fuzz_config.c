@@ -62,15 +62,22 @@ static int memfd2 = -1;
 static bool
 leaks_value(const char *text, size_t len, size_t off, size_t vlen)
 {
+	static const char *const alpha[] = { "Qz7Wk", "Jx3Vq", "Kp9Zb", "Wm4Xj" };
 	static struct config_diag d2;
 	struct config *cfg;
 	char path[64], *copy, tok[256];
-	size_t i;
-	bool leak;
+	size_t i, k;
 
-	for (i = 0; i < vlen; i++)
-		tok[i] = "Qz7Wk"[i % 5];
-	tok[vlen] = '\0';
+	/* A token the input does not already hold (the fuzzer learns). */
+	for (k = 0; k < sizeof(alpha) / sizeof(alpha[0]); k++) {
+		for (i = 0; i < vlen; i++)
+			tok[i] = alpha[k][i % 5];
+		tok[vlen] = '\0';
+		if (count_occurrences(text, len, tok, 5) == 0)
+			break;
+	}
+	if (k == sizeof(alpha) / sizeof(alpha[0]))
+		return false;
 	copy = malloc(len);
 	CHECK(copy != NULL);
 	memcpy(copy, text, len);
@@ -85,8 +92,7 @@ leaks_value(const char *text, size_t len, size_t off, size_t vlen)
 	snprintf(path, sizeof(path), "/proc/self/fd/%d", memfd2);
 	cfg = config_load(path, false, &d2);
 	config_free(cfg);
-	leak = strstr(d2.errors, tok) != NULL || strstr(d2.warnings, tok) != NULL;
-	return leak;
+	return strstr(d2.errors, tok) != NULL || strstr(d2.warnings, tok) != NULL;
 }
 
 /*

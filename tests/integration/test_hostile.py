@@ -15,11 +15,13 @@ Memory bounds, all growth over the RSS measured just before the attack:
     would be > 128 KiB each);
   - a 60 MB {n+} literal over max_literal_bytes: < 16 MiB (it must be
     discarded as it arrives, never buffered);
-  - a client that never reads 12 FETCHes of a 5 MB message: < 32 MiB
+  - a client that never reads 12 FETCHes of a 5 MB message: < 24 MiB
     (buffering them would cost 60 MB; backpressure holds one relay window);
   - 5000 pipelined NOOPs: < 16 MiB.
 Under AddressSanitizer the quarantine (256 MiB by default) would keep freed
-buffers resident, so each imapshim here starts with quarantine_size_mb=8.
+buffers resident, so each imapshim here starts with quarantine_size_mb=8,
+and the bounds get 16 MiB of slack for that quarantine and the allocator's
+caches (measured: 6-13 MiB of growth in every case, attack or not).
 
 Short timeouts (client_login_timeout 2-5 s, client_idle_timeout 4 s) keep
 the whole module within about a minute and a half.
@@ -91,6 +93,17 @@ class RssPeak:
     def __repr__(self):
         return "RSS base %.1f MiB, peak %.1f MiB, growth %.1f MiB" % (
             self.base / MIB, self.peak / MIB, self.growth / MIB)
+
+
+_ASAN = {}
+
+
+def asan_slack(shim):
+    """16 MiB more room under ASan (see the module docstring)."""
+    if shim.binary not in _ASAN:
+        with open(shim.binary, "rb") as f:
+            _ASAN[shim.binary] = b"AddressSanitizer" in f.read()
+    return 16 * MIB if _ASAN[shim.binary] else 0
 
 
 def unique(prefix):
@@ -223,8 +236,9 @@ def test_command_line_far_over_max(env, admins):
         assert line.startswith(b"b1 BAD"), line
         assert bad.command("NOOP", tag="b2").status == "OK"
     mon.stop()
+    print("RSS:", mon)
     good.check()
-    assert mon.growth < 16 * MIB, mon
+    assert mon.growth < 16 * MIB + asan_slack(shim), mon
 
 
 # ------------------------------------------------------------- literals
@@ -280,8 +294,9 @@ def test_nonsync_literal_60mb_discarded_not_buffered(env):
             if line.startswith(b"a NO"):
                 assert tagged_answer(bad, b"b").startswith(b"b OK")
     mon.stop()
+    print("RSS:", mon)
     good.check()
-    assert mon.growth < 16 * MIB, "%r while a 60 MB literal streamed through" % mon
+    assert mon.growth < 16 * MIB + asan_slack(shim), "%r while a 60 MB literal streamed through" % mon
 
 
 def test_prelogin_literals_bounded(env):
@@ -320,8 +335,9 @@ def test_prelogin_literals_bounded(env):
         assert tagged_answer(bad, b"a", timeout=20).startswith(b"a NO [TOOBIG]")
         assert tagged_answer(bad, b"b", timeout=20).startswith(b"b OK")
     mon.stop()
+    print("RSS:", mon)
     good.check()
-    assert mon.growth < 16 * MIB, mon
+    assert mon.growth < 16 * MIB + asan_slack(shim), mon
 
 
 def test_lying_literal_length(make_shim, dovecot, admins):
@@ -470,8 +486,9 @@ def test_pipeline_5000_noops(env):
                 expect += 1
             assert c.command("NOOP", tag="last").status == "OK"
     mon.stop()
+    print("RSS:", mon)
     good.check()
-    assert mon.growth < 16 * MIB, mon
+    assert mon.growth < 16 * MIB + asan_slack(shim), mon
 
 
 # ------------------------------------------------------------- slowloris
@@ -507,7 +524,8 @@ def test_slowloris_500(make_shim, dovecot, admins):
                 good.check_new()
             time.sleep(max(0, t0 + i + 1 - time.monotonic()))
         peak = mon.stop()
-        assert peak.growth < 64 * MIB, "%r with 500 slowloris connections" % peak
+        print("RSS:", peak)
+        assert peak.growth < 64 * MIB + asan_slack(shim), "%r with 500 slowloris connections" % peak
         # every slow connection is closed by the login timeout, with a BYE
         got = {s: b"" for s in socks}
         open_ = set(socks)
@@ -604,10 +622,11 @@ def test_tls_garbage_and_unfinished_handshakes(env):
     took = time.monotonic() - t0
     assert took < 6, "unfinished handshakes closed after %.1fs" % took
     mon.stop()
+    print("RSS:", mon)
     for s in garbage + half:
         s.close()
     good.check()
-    assert mon.growth < 32 * MIB, mon
+    assert mon.growth < 32 * MIB + asan_slack(shim), mon
 
 
 # ------------------------------------------------------------- slow reader
@@ -615,7 +634,7 @@ def test_tls_garbage_and_unfinished_handshakes(env):
 def test_client_never_reads_large_fetches(make_shim, dovecot, admins):
     """A client FETCHes a 5 MB message 12 times without reading anything:
     imapshim stops reading from Dovecot once its buffer to the client is
-    full (backpressure), so RSS grows < 32 MiB rather than 60 MB; the good
+    full (backpressure), so RSS grows < 24 MiB rather than 60 MB; the good
     client is served normally meanwhile; when the slow client finally reads
     it gets all 12 answers, byte-exact and in order."""
     shim = start_shim(make_shim, dovecot, client_login_timeout="5s")
@@ -645,7 +664,8 @@ def test_client_never_reads_large_fetches(make_shim, dovecot, admins):
             time.sleep(0.5)
         good.check_new()
         stalled = mon.stop()
-        assert stalled.growth < 32 * MIB, "%r with %d x %d bytes unread" % (
+        print("RSS:", stalled)
+        assert stalled.growth < 24 * MIB + asan_slack(shim), "%r with %d x %d bytes unread" % (
             stalled, n, len(big))
         for i in range(n):
             r = slow.read_response("f%d" % i, timeout=60)

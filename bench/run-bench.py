@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""
+run-bench.py - the `make bench` driver: imapshim against the same load sent
+straight to its upstream, in one run.
+
+Starts a throwaway PKI and Dovecot (tests/integration/harness.py, as the
+integration tests do), fills a few mailboxes, and starts imapshim in front of
+Dovecot with TLS on both sides ([pool] mode = session, session_budget 32, two
+admin accounts of 16 sessions).  Then, for each scenario, runs imapshim-bench
+alternately straight to Dovecot's imaps port ("direct", login
+mailbox*NPUMAdmin1) and through imapshim ("shim", login
+example.com/NPUMAdmin1/mailbox): direct, shim, direct, shim.  Around every run
+it samples imapshim's CPU time (utime + stime from /proc/PID/stat), Dovecot's
+log (successful logins) and, during the run, the established loopback TCP
+connections to each port (/proc/net/tcp), and prints one table.
+
+Only the Python standard library.  Bounded: every bench run is killed after
+its duration + 40 s, and the whole run takes about 4 minutes (--quick: about
+1.5 minutes).  Exit status: 0, 1 when a bench run failed (verification or
+error rate), 77 when Dovecot is not installed.
+"""
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
+
+import harness  # noqa: E402
+
+ADMIN = "NPUMAdmin1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# name, bench options, what the scenario shows
+SCENARIOS = [
+    ("idle", ["--sessions", "32"], "32 sessions LOGIN, SELECT, IDLE and hold"),
+    ("churn", ["--sessions", "16", "--mailboxes", "24"],
+     "connect, LOGIN, SELECT, STATUS|FETCH, LOGOUT; 16 clients over 24 mailboxes"),
+    ("poll", ["--sessions", "32"], "32 mailboxes poll NOOP, UID SEARCH UNSEEN, STATUS"),
+    ("steady", ["--sessions", "16"], "closed loop NOOP, UID FETCH 1:* (FLAGS), STATUS"),
+    ("append", ["--sessions", "8", "--mailbox-base", "1000"],
+     "60 KB voice messages by sync literal, verified byte-exact, then expunged"),
+]
+
+
+# ------------------------------------------------------------- sampling
+
+def proc_cpu_s(pid):
+    """utime + stime of pid in seconds (fields 14 and 15 of /proc/PID/stat)."""
+    with open("/proc/%d/stat" % pid) as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def proc_rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def _read_all(path):
+    """The whole file in as few read()s as possible: /proc/net/tcp resumes
+    by record offset between reads, so a table that changes in between can
+    show a socket twice (the caller also dedupes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            b = os.read(fd, 4 << 20)
+            if not b:
+                return b"".join(chunks)
+            chunks.append(b)
+    finally:
+        os.close(fd)
+
+
+def established_to(ports):
+    """{port: n} established TCP connections to 127.0.0.1:port / [::1]:port,
+    counted from the connecting side (remote address is the port)."""
+    seen = {p: set() for p in ports}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            data = _read_all(path).decode(errors="replace").splitlines()[1:]
+        except OSError:
+            continue
+        for line in data:
+            parts = line.split()
+            if len(parts) < 4 or parts[3] != "01":      # ESTABLISHED
+                continue
+            port = int(parts[2].rsplit(":", 1)[1], 16)
+            if port in seen and int(parts[1].rsplit(":", 1)[1], 16) not in seen:
+                seen[port].add((parts[1], parts[2]))    # the connecting side
+    return {p: len(v) for p, v in seen.items()}
+
+
+class PeakSampler(threading.Thread):
+    """Peak established connections to each port, sampled every 50 ms."""
+
+    def __init__(self, ports):
+        super().__init__(daemon=True)
+        self.ports = ports
+        self.peak = dict.fromkeys(ports, 0)
+        self.stop_ev = threading.Event()
+
+    def run(self):
+        while not self.stop_ev.is_set():
+            for p, n in established_to(self.ports).items():
+                self.peak[p] = max(self.peak[p], n)
+            self.stop_ev.wait(0.05)
+
+    def stop(self):
+        self.stop_ev.set()
+        self.join(2)
+        return self.peak
+
+
+class LogCounter:
+    """Successful IMAP logins in Dovecot's log since the last mark()."""
+
+    RE = re.compile(r"imap-login: (?:Info: )?Login: user=<")
+
+    def __init__(self, path):
+        self.path = path
+        self.off = 0
+
+    def mark(self):
+        try:
+            self.off = os.path.getsize(self.path)
+        except OSError:
+            self.off = 0
+
+    def count(self):
+        with open(self.path, "rb") as f:
+            f.seek(self.off)
+            return len(self.RE.findall(f.read().decode(errors="replace")))
+
+
+# ------------------------------------------------------------- setup
+
+def populate(dv, mailboxes, per_box):
+    """A few messages in each mailbox, straight into Dovecot."""
+    for n in mailboxes:
+        with dv.connect("mbox%05d" % n, ADMIN) as c:
+            for k in range(per_box):
+                msg = ("From: <vm@example.com>\r\nTo: <mbox%05d@example.com>\r\n"
+                       "Subject: seed %d\r\nMessage-ID: <seed.%d.%d@bench>\r\n\r\n"
+                       "seed message %d\r\n" % (n, k, n, k, k)).encode()
+                r = c.append("INBOX", msg, flags="\\Seen" if k % 2 == 0 else None)
+                if r.status != "OK":
+                    raise harness.HarnessError("seed APPEND failed: %r" % r)
+            c.command("LOGOUT")
+
+
+def machine():
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return "%d CPUs (nproc), %s" % (os.cpu_count() or 0, model)
+
+
+# ------------------------------------------------------------- runs
+
+def run_bench(args, env, scen, opts, target, dv, shim, dvlog):
+    """One imapshim-bench run; returns its JSON plus the samples."""
+    if target == "direct":
+        port, user_fmt = dv.port_imaps, "%s*" + ADMIN
+    else:
+        port, user_fmt = shim.port, "example.com/%s/%%s" % ADMIN
+    cmd = [args.bench, "--host", harness.HOST, "--port", str(port), "--tls",
+           "--cafile", env["ca"], "--password-file", env["pwfile"],
+           "--user-format", user_fmt, "--scenario", scen,
+           "--duration", str(args.duration), "--label", target] + opts
+    if scen == "poll":
+        cmd += ["--poll-interval", str(args.poll_interval)]
+    if target == "shim" and scen == "idle":
+        cmd += ["--pid", str(shim.proc.pid)]
+    sampler = PeakSampler([dv.port_imaps, shim.port])
+    dvlog.mark()
+    cpu0 = proc_cpu_s(shim.proc.pid)
+    rss0 = proc_rss_kib(shim.proc.pid)
+    sampler.start()
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=args.duration + 40)
+    finally:
+        peak = sampler.stop()
+    cpu1 = proc_cpu_s(shim.proc.pid)
+    rss1 = proc_rss_kib(shim.proc.pid)
+    time.sleep(0.3)                         # Dovecot's log is written async
+    lines = p.stdout.decode(errors="replace").strip().splitlines()
+    try:
+        res = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise harness.HarnessError("%s %s: no JSON (exit %d)\n%s"
+                                   % (scen, target, p.returncode,
+                                      p.stderr.decode(errors="replace")[-3000:]))
+    res["exit"] = p.returncode
+    res["stderr"] = p.stderr.decode(errors="replace")
+    res["shim_cpu_s"] = cpu1 - cpu0
+    res["shim_rss_kib"] = (rss0, rss1)
+    res["dovecot_logins"] = dvlog.count()
+    res["peak_to_dovecot"] = peak[dv.port_imaps]
+    res["peak_to_shim"] = peak[shim.port]
+    return res
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def lat(res, q, cmd="all"):
+    return res.get("latency_ms", {}).get(cmd, {}).get(q)
+
+
+def summarize(scen, runs):
+    d = [r for r in runs if r["label"] == "direct"]
+    s = [r for r in runs if r["label"] == "shim"]
+    row = {"scenario": scen}
+    row["d_ops"] = mean([r["ops_per_s"] for r in d])
+    row["s_ops"] = mean([r["ops_per_s"] for r in s])
+    row["ratio"] = row["s_ops"] / row["d_ops"] if row["d_ops"] else None
+    for q in ("p50", "p99"):
+        dv_, sv = mean([lat(r, q) for r in d]), mean([lat(r, q) for r in s])
+        row[q + "_add"] = (sv - dv_) if dv_ is not None and sv is not None else None
+    ops = sum(r["ops"] for r in s)
+    # CPU over the whole run (teardown LOGOUTs included) per measured command
+    row["cpu_us"] = 1e6 * sum(r["shim_cpu_s"] for r in s) / ops if ops else None
+    rss = [r["rss_per_session_kib"] for r in s if r.get("rss_per_session_kib") is not None]
+    row["rss"] = rss[0] if rss else None            # first run: a cold pool
+    clog = sum(r["logins"] for r in s)
+    ulog = sum(r["dovecot_logins"] for r in s)
+    # logins in the teardown are not in "logins": count every client login
+    # Dovecot saw in the direct runs the same way, as a cross-check
+    row["up_logins_k"] = 1000.0 * ulog / clog if clog else None
+    pc = sum(r["peak_to_shim"] for r in s)
+    pu = sum(r["peak_to_dovecot"] for r in s)
+    row["up_sess_k"] = 1000.0 * pu / pc if pc else None
+    row["direct_check"] = (sum(r["dovecot_logins"] for r in d), sum(r["logins"] for r in d))
+    row["errors"] = sum(r["errors_total"] for r in runs)
+    row["failed"] = [r["label"] for r in runs if r["exit"] != 0]
+    return row
+
+
+def fmt(v, spec, none="-"):
+    return none if v is None else format(v, spec)
+
+
+def print_table(rows, out):
+    hdr = ("scenario", "direct ops/s", "shim ops/s", "ratio", "p50 +ms", "p99 +ms",
+           "shim CPU us/cmd", "shim KiB/session", "up logins/1k", "up sess/1k", "errors")
+    cells = []
+    for r in rows:
+        cells.append((r["scenario"], fmt(r["d_ops"], ".1f"), fmt(r["s_ops"], ".1f"),
+                      fmt(r["ratio"], ".2f"), fmt(r["p50_add"], "+.3f"),
+                      fmt(r["p99_add"], "+.3f"), fmt(r["cpu_us"], ".0f"),
+                      fmt(r["rss"], ".1f"), fmt(r["up_logins_k"], ".0f"),
+                      fmt(r["up_sess_k"], ".0f"),
+                      str(r["errors"]) + (" FAIL" if r["failed"] else "")))
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(hdr)]
+    line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(hdr, widths)))
+    print(line, file=out)
+    print("-" * len(line), file=out)
+    for c in cells:
+        print("  ".join(x.rjust(w) if i else x.ljust(w)
+                        for i, (x, w) in enumerate(zip(c, widths))), file=out)
+
+
+def print_details(scen, runs, out):
+    """Per-command p50/p99, mean over each side's runs."""
+    cmds = []
+    for r in runs:
+        for c in r.get("latency_ms", {}):
+            if c not in cmds and c != "all":
+                cmds.append(c)
+    parts = []
+    for c in cmds:
+        dd = [r for r in runs if r["label"] == "direct"]
+        ss = [r for r in runs if r["label"] == "shim"]
+        parts.append("%s %s/%s" % (
+            c, fmt(mean([lat(r, "p50", c) for r in dd]), ".2f"),
+            fmt(mean([lat(r, "p50", c) for r in ss]), ".2f")))
+    ss = [r for r in runs if r["label"] == "shim"]
+    print("  %-7s p50 ms direct/shim: %s" % (scen, ", ".join(parts)), file=out)
+    print("  %-7s through imapshim, per run: upstream peak %s for client peak %s; "
+          "Dovecot logins %s for client logins %s"
+          % ("", "/".join(str(r["peak_to_dovecot"]) for r in ss),
+             "/".join(str(r["peak_to_shim"]) for r in ss),
+             "/".join(str(r["dovecot_logins"]) for r in ss),
+             "/".join(str(r["logins"]) for r in ss)), file=out)
+
+
+# ------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shim", required=True, help="the imapshim binary")
+    ap.add_argument("--bench", required=True, help="the imapshim-bench binary")
+    ap.add_argument("--quick", action="store_true", help="3 s runs (smoke test)")
+    ap.add_argument("--duration", type=float, help="seconds per run (default 10, quick 3)")
+    ap.add_argument("--poll-interval", type=float,
+                    help="poll scenario interval (default 5 = NuPoint's; quick 1)")
+    ap.add_argument("--scenarios", default=",".join(s[0] for s in SCENARIOS))
+    ap.add_argument("--json", help="also write every run's result here")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args()
+    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.poll_interval = args.poll_interval or (1.0 if args.quick else 5.0)
+    wanted = args.scenarios.split(",")
+    for b in (args.shim, args.bench):
+        if not os.access(b, os.X_OK):
+            sys.exit("run-bench: %s is not an executable file" % b)
+    if not harness.which("dovecot"):
+        print("run-bench: dovecot is not installed; skipping (apt-get install dovecot-imapd)")
+        return 77
+
+    t_start = time.monotonic()
+    tmp = harness.make_tempdir("imapshim-bench-")
+    admins = {"NPUMAdmin1": "Adm1n-" + secrets.token_hex(12),
+              "NPUMAdmin2": "Adm2n-" + secrets.token_hex(12)}
+    dv = shim = None
+    rows, allruns, failed = [], [], False
+    out = sys.stdout
+    try:
+        pki = harness.Pki(os.path.join(tmp, "pki"))
+        dv = harness.Dovecot(os.path.join(tmp, "dovecot"), pki, admins).start()
+        shim = harness.ImapShim(
+            args.shim, os.path.join(tmp, "shim"), pki, dv.port_imaps, admins,
+            config={"shim": {"log_level": "warn", "max_unauth_per_ip": "1024"},
+                    "upstream": {"login_format": "{mailbox}*{admin}"},
+                    "pool": {"mode": "session", "session_budget": "32"}},
+            starttls=False, name="imapshim-bench")
+        env = {"ca": pki.ca.cert,
+               "pwfile": harness.write_file(os.path.join(tmp, "bench.pw"),
+                                            admins[ADMIN] + "\n")}
+        populate(dv, range(0, 32), 4)
+        dvlog = LogCounter(dv.log_path)
+
+        print("imapshim bench: %s; %s" % (machine(), time.strftime("%Y-%m-%d %H:%M:%S")),
+              file=out)
+        print("  %g s per run, direct/shim alternated twice per scenario, a fresh imapshim "
+              "per scenario;\n  TLS on every hop; imapshim %s: session mode, budget 32, "
+              "2 admins x 16, login_rate 20/s per admin"
+              % (args.duration, args.shim), file=out)
+        out.flush()
+        for scen, opts, what in SCENARIOS:
+            if scen not in wanted:
+                continue
+            # a fresh imapshim per scenario: an empty pool, results that do
+            # not depend on the order of the scenarios
+            shim.start()
+            runs = []
+            for target in ("direct", "shim", "direct", "shim"):
+                if not shim.alive():
+                    raise harness.HarnessError("imapshim died:\n" + shim.log_text()[-3000:])
+                r = run_bench(args, env, scen, opts, target, dv, shim, dvlog)
+                r["scenario_desc"] = what
+                runs.append(r)
+                if r["exit"] != 0:
+                    failed = True
+                    print("run-bench: %s %s exited %d:\n%s" % (scen, target, r["exit"],
+                          r["stderr"][-1500:]), file=sys.stderr)
+            rc = shim.stop()
+            if rc != 0:
+                failed = True
+                print("run-bench: imapshim exited %s after SIGTERM (%s):\n%s"
+                      % (rc, scen, shim.log_text(this_run=True)[-2000:]), file=sys.stderr)
+            allruns.extend(runs)
+            rows.append(summarize(scen, runs))
+        print("", file=out)
+        print_table(rows, out)
+        print("", file=out)
+        for scen, _, what in SCENARIOS:
+            rs = [r for r in allruns if r["scenario"] == scen]
+            if rs:
+                print_details(scen, rs, out)
+        print("", file=out)
+        print("  ratio = shim ops/s / direct ops/s; p50/p99 +ms = latency added over all "
+              "commands (mean of runs);\n  CPU = imapshim utime+stime per command;"
+              " KiB/session = imapshim VmRSS growth per idling client (first idle run);\n"
+              "  up logins/1k = Dovecot logins per 1000 client logins; up sess/1k = peak "
+              "upstream per 1000 peak client connections;\n  idle and poll offer a fixed load "
+              "(ratio 1.00 = kept up); churn, steady and append are closed loops.", file=out)
+        checks = ["%s %d/%d" % (r["scenario"], *r["direct_check"]) for r in rows]
+        print("  cross-check, direct runs, Dovecot logins / bench logins (teardown "
+              "excluded): " + ", ".join(checks), file=out)
+        print("  total %.0f s" % (time.monotonic() - t_start), file=out)
+        if args.json:
+            with open(args.json, "w") as f:
+                for r in allruns:
+                    json.dump({k: v for k, v in r.items() if k != "stderr"}, f)
+                    f.write("\n")
+    finally:
+        if shim is not None:
+            shim.stop()
+        if dv is not None:
+            dv.stop()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print("  kept %s" % tmp, file=out)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

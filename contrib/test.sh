@@ -7,8 +7,11 @@
 #     sudo contrib/test.sh
 #
 # Steps: apt-get install the build and test dependencies; autoreconf; build
-# and "make check" in build/; the same with AddressSanitizer and
-# UndefinedBehaviorSanitizer in build-asan/; "make distcheck" in build/.
+# and "make check" in build/; "make install" into a scratch directory; the
+# same tests with AddressSanitizer and UndefinedBehaviorSanitizer in
+# build-asan/; every libFuzzer harness for a short while (ASan+UBSan); the
+# functional integration suites once more with the daemon under valgrind
+# memcheck (any error fails the run); "make distcheck" in build/.
 # On a failure it prints the failing tests' logs and exits non-zero.  The
 # last line of output is always one summary line of the automake test
 # results of build/ and build-asan/:
@@ -30,6 +33,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES="build-essential autoconf automake pkg-config libevent-dev libssl-dev
 libinih-dev libcmocka-dev dovecot-imapd openssl python3 python3-pytest
+valgrind clang libclang-rt-14-dev
 ca-certificates"
 
 # Debian's pytest; a pyenv python3 first on PATH may lack it.  configure
@@ -233,6 +237,26 @@ mkdir -p build-asan
 	export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 	cd build-asan && ../configure --enable-sanitizers && make -j2 check
 )
+
+STEP="fuzzing (tests/fuzz)"
+say "libFuzzer harnesses, ${FUZZ_SECONDS:-20} s each"
+FUZZ_SECONDS=${FUZZ_SECONDS:-20} bash tests/fuzz/run-fuzz.sh
+
+STEP="valgrind memcheck (integration)"
+say "integration suites with imapshim under valgrind"
+vg=$(mktemp -d)
+# Any memcheck error or definite leak makes the daemon exit 99, which the
+# harness reports as a failed test (it expects exit status 0 on SIGTERM).
+printf '#!/bin/sh\nexec valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite %s "$@"\n' \
+    "$PWD/build/src/imapshim" >"$vg/imapshim"
+chmod +x "$vg/imapshim"
+# Tests of sub-second timeouts measure time, which valgrind stretches.
+for t in test_proxy test_pool test_protolog test_status test_ops; do
+	IMAPSHIM="$vg/imapshim" PYTHON3=/usr/bin/python3 \
+	    PYTEST_ADDOPTS="-k 'not login_timeout and not idle_timeout and not second_sigterm'" \
+	    bash tests/integration/run-pytest.sh "tests/integration/$t.py"
+done
+rm -rf "$vg"
 
 STEP="make distcheck (build/)"
 say "make distcheck in build/"

@@ -103,6 +103,7 @@ struct pool_entry {
 	uint64_t pe_last_used_ms;
 	struct pool_waiter *pe_waiter;	/* login, check or handoff for it */
 	bool pe_reused;			/* HANDOFF of a pooled session */
+	uint64_t pe_claimed;		/* serve pass that counted on it */
 	TAILQ_ENTRY(pool_entry) pe_link;	/* P.lists[pe_state] */
 	TAILQ_ENTRY(pool_entry) pe_mblink;	/* P.idle_mb[], IDLE only */
 	LIST_ENTRY(pool_entry) pe_uplink;	/* P.by_up[] */
@@ -140,6 +141,7 @@ static struct {
 
 	uint64_t reuses, logins_ok, logins_failed, queue_timeouts;
 	void (*pressure)(unsigned need);
+	uint64_t pass;			/* serve_queue passes, for pe_claimed */
 } P;
 
 /* What pool_default_ops needs (pool_default_env). */
@@ -991,6 +993,21 @@ fail_all_down(struct pool_waiter *w)
  * waits for one), else make room by closing an idle session of another
  * mailbox (one per waiter not already covered by a slot being freed).
  */
+/* True when a session of w's mailbox is being reset and no waiter ahead
+ * of w in this pass counts on it already. */
+static bool
+claim_resetting(const struct pool_waiter *w)
+{
+	struct pool_entry *e;
+
+	TAILQ_FOREACH(e, &P.lists[PE_RESETTING], pe_link)
+		if (e->pe_claimed != P.pass && entry_fits(e, w)) {
+			e->pe_claimed = P.pass;
+			return true;
+		}
+	return false;
+}
+
 static void
 serve_queue(uint64_t now, uint64_t *next)
 {
@@ -998,12 +1015,18 @@ serve_queue(uint64_t now, uint64_t *next)
 	unsigned pending = P.counts[PE_CLOSING], need = 0;
 	bool blocked = false, no_room = false;
 
+	P.pass++;
+
 	TAILQ_FOREACH_SAFE(w, &P.queue, pw_link, wn) {
 		/* A waiter whose login is under way still takes a pooled
 		 * session of its mailbox that turns up first. */
 		if (w->pw_entry != NULL && w->pw_entry->pe_state != PE_LOGIN)
 			continue;
 		if (serve_from_idle(w) || w->pw_entry != NULL)
+			continue;
+		/* A session of its mailbox is being reset after its last
+		 * client: wait for it rather than log in again. */
+		if (claim_resetting(w))
 			continue;
 		if (retry_all_servers_down(now)) {
 			fail_all_down(w);

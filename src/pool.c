@@ -580,6 +580,18 @@ waiter_attempt_cap(void)
  * Only changes state and asks for a tick: we are inside an upstream
  * callback.
  */
+/* True when w has had a login tried with every configured admin. */
+static bool
+admins_all_tried(const struct pool_waiter *w)
+{
+	size_t i;
+
+	for (i = 0; i < P.n_admins && i < 64; i++)
+		if ((w->pw_admins_tried & bit(i)) == 0)
+			return false;
+	return true;
+}
+
 static void
 pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
     enum up_fail why, const char *reason)
@@ -626,6 +638,15 @@ pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
 	case RETRY_LOGIN:
 		if (w->pw_attempts >= cfg->login_attempts)
 			end = "login attempts spent";
+		/* Every admin refused this mailbox while logins elsewhere
+		 * succeed: not Exchange being busy but this mailbox (no
+		 * FullAccess, no such alias): final (DESIGN 3.5). */
+		if (end != NULL && admins_all_tried(w) &&
+		    retry_login_not_before(now) <= now) {
+			end = "refused with every admin account";
+			fail = POOL_FAIL_AUTH;
+			retry_negcache_add(waiter_domain(w), w->pw_mailbox, now);
+		}
 		delay = retry_backoff_ms(cfg, w->pw_attempts, retry_rand());
 		break;
 	case RETRY_FINAL:

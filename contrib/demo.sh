@@ -1,15 +1,19 @@
 #!/bin/bash
 # contrib/demo.sh - install, build, and run the imapshim demo.
 #
-#     sudo contrib/demo.sh [demo.py options, e.g. --sessions 60]
+#     sudo contrib/demo.sh [demo.py options, e.g. --mailboxes 500 --poll 5]
 #
 # Installs the same Debian 12 packages as contrib/test.sh (skip that with
 # IMAPSHIM_SKIP_APT=1), builds imapshim in build/ if needed, then runs
 # contrib/demo.py: a private Dovecot standing in for Exchange (with master
-# users NPUMAdmin1 and NPUMAdmin2), imapshim in front of it, and a few dozen
-# simulated voice-mailbox sessions through imapshim.  Everything runs on
+# users NPUMAdmin1 and NPUMAdmin2), imapshim in front of it in multiplex
+# mode with session_budget = 16 and max_sessions = 8 per admin account, and
+# 300 simulated voice mailboxes that each keep a session and poll their
+# INBOX, while voice messages are delivered straight to "Exchange".  A live
+# view of imapshim's /status refreshes every second.  Everything runs on
 # 127.0.0.1 with free ports and a temporary directory that is removed at the
-# end.  It stops by itself within about a minute, or on Ctrl-C.
+# end.  It stops by itself after about a minute, or on Ctrl-C, and prints a
+# summary.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

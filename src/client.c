@@ -1423,12 +1423,16 @@ cl_touch(struct client *c)
 	struct timeval tv;
 	uint64_t ms;
 
-	if (!cl_multiplex() || c->cl_park_ev == NULL)
-		return;
 	c->cl_active_ms = util_now_ms();
+	/* Session mode has only IDLE renewal to time. */
+	if (!cl_multiplex() && !c->cl_in_idle) {
+		evtimer_del(c->cl_park_ev);
+		return;
+	}
 	if (c->cl_in_lru)
 		TAILQ_REMOVE(&cl_lru, c, cl_lru_link);
-	c->cl_in_lru = c->cl_state == CL_S_AUTH && c->cl_up != NULL;
+	c->cl_in_lru = cl_multiplex() && c->cl_state == CL_S_AUTH &&
+	    c->cl_up != NULL;
 	if (c->cl_in_lru)
 		TAILQ_INSERT_TAIL(&cl_lru, c, cl_lru_link);
 	/* An idling client only parks under pressure; its timer renews
@@ -1767,7 +1771,7 @@ cl_park_timer_cb(evutil_socket_t fd, short what, void *arg)
 		cl_touch(c);
 		return;
 	}
-	if (cl_parkable(c))
+	if (cl_multiplex() && cl_parkable(c))
 		cl_park(c);
 	else
 		cl_touch(c);
@@ -2304,8 +2308,10 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 	log_debug("client_command", "id=%llu tag=%s command=%.*s",
 	    (unsigned long long)c->cl_id, c->cl_cur_pend->tag, (int)cmd.len,
 	    cmd.p);
-	if (imap_tok_is(&cmd, "IDLE") && fr->last)
+	if (imap_tok_is(&cmd, "IDLE") && fr->last) {
 		c->cl_in_idle = true;
+		cl_touch(c);	/* times the renewal of a long IDLE */
+	}
 	cl_prepare_rerun(c, c->cl_cur_pend, line, fr->text_len, &cmd);
 	c->cl_cur = CL_CUR_RELAY;
 	cl_forward_line(c, fr, line, in);

@@ -262,6 +262,7 @@ upstream_command_lines(struct upstream *u, const char *cmd,
 	u->up_cmd_done = done;
 	u->up_cmd_line = line;
 	u->up_cmd_arg = arg;
+	up_arm_timer(u, u->up_login_timeout_ms);
 	up_send(u, cmd);
 	log_debug("upstream_send", "up=%llu tag=%s command=\"%s\"",
 	    (unsigned long long)u->up_id, u->up_tag, cmd);
@@ -277,6 +278,8 @@ up_cmd_finish(struct upstream *u, bool ok)
 	if (done == NULL)
 		return false;
 	u->up_cmd_done = NULL;
+	if (!u->up_closing)
+		evtimer_del(u->up_timer);
 	done(u->up_cmd_arg, ok);
 	return true;
 }
@@ -364,10 +367,24 @@ up_timer_cb(evutil_socket_t fd, short what, void *arg)
 		reap_add(&u->up_reap, up_free, u);
 		return;
 	}
-	if (u->up_state < UP_S_READY)
+	if (u->up_state < UP_S_READY) {
 		up_fail(u, UP_FAIL_TIMEOUT, "no answer from the server within "
-		    "%s", u->up_state <= UP_S_GREETING ? "connect_timeout" :
+		    "%s", u->up_state <= UP_S_HANDSHAKE ? "connect_timeout" :
 		    "login_timeout");
+		return;
+	}
+	if (u->up_cmd_done != NULL) {
+		/* Our own NOOP, reset or snapshot got no answer: the
+		 * session is stuck; its owner learns of it through done. */
+		void (*done)(void *, bool) = u->up_cmd_done;
+		void *done_arg = u->up_cmd_arg;
+
+		log_warn("upstream_command_timeout", "up=%llu server=%s tag=%s",
+		    (unsigned long long)u->up_id, u->up_server, u->up_tag);
+		/* Closing first, so the owner sees a lost session. */
+		upstream_abort(u, "command-timeout");
+		done(done_arg, false);
+	}
 }
 
 static void
@@ -660,9 +677,13 @@ up_event_cb(struct bufferevent *bev, short what, void *arg)
 			setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 			if (u->up_tls == CFG_TLS_IMPLICIT)
 				up_start_tls(u);
-			else
+			else {
+				up_arm_timer(u, u->up_login_timeout_ms);
 				up_set_state(u, UP_S_GREETING);
+			}
 		} else if (u->up_state == UP_S_HANDSHAKE) {
+			if (!u->up_starttls_done)
+				up_arm_timer(u, u->up_login_timeout_ms);
 			if (u->up_starttls_done) {
 				up_send(u, "CAPABILITY");
 				up_set_state(u, UP_S_CAPABILITY);
@@ -755,8 +776,8 @@ upstream_new(struct event_base *base, struct evdns_base *dns,
 	u->up_state = UP_S_CONNECTING;
 	TAILQ_INSERT_TAIL(&up_all, u, up_link);
 	up_count++;
-	/* The login timeout covers the whole login once connected. */
-	up_arm_timer(u, p->connect_timeout_ms + p->login_timeout_ms);
+	/* connect_timeout covers TCP and TLS; login_timeout the rest. */
+	up_arm_timer(u, p->connect_timeout_ms);
 	log_debug("upstream_connect", "up=%llu server=%s user=%s",
 	    (unsigned long long)u->up_id, u->up_server, u->up_user);
 	if (bufferevent_socket_connect_hostname(u->up_bev, dns, AF_UNSPEC,

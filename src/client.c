@@ -1441,6 +1441,8 @@ cl_touch(struct client *c)
 	tv.tv_sec = (time_t)(ms / 1000);
 	tv.tv_usec = (suseconds_t)(ms % 1000) * 1000;
 	evtimer_add(c->cl_park_ev, &tv);
+	if (c->cl_in_lru)
+		pool_note_parkable();
 }
 
 static void
@@ -2033,7 +2035,10 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 	    ((!c->cl_in_idle && !c->cl_relay_sync_lit) || c->cl_swallow_cont)) {
 		/* Nobody asked for it (literals go upstream as LITERAL+), or
 		 * the client had its "+" before we had to IDLE again. */
-		c->cl_swallow_cont = false;
+		if (c->cl_swallow_cont) {
+			c->cl_swallow_cont = false;
+			pool_note_parkable();
+		}
 		evbuffer_drain(in, fr->len);
 		return;
 	}

@@ -142,6 +142,7 @@ static struct {
 	uint64_t reuses, logins_ok, logins_failed, queue_timeouts;
 	void (*pressure)(unsigned need);
 	uint64_t pass;			/* serve_queue passes, for pe_claimed */
+	unsigned need;			/* waiters short of a slot, last pass */
 } P;
 
 /* What pool_default_ops needs (pool_default_env). */
@@ -1074,10 +1075,7 @@ serve_queue(uint64_t now, uint64_t *next)
 				need++;
 		}
 	}
-	/* Nothing idle to close: ask lessees to give sessions back
-	 * (multiplex mode parks its longest-idle clients). */
-	if (need > 0 && P.pressure != NULL)
-		P.pressure(need);
+	P.need = need;
 }
 
 /* Retire idle sessions past reuse_timeout (before Exchange's autologout). */
@@ -1211,6 +1209,11 @@ pool_tick(void)
 	serve_queue(now, &next);
 	/* Only what the callbacks do needs another round. */
 	P.rerun = false;
+	/* Nothing idle to close: ask lessees to give sessions back
+	 * (multiplex mode parks its longest-idle clients); what they
+	 * release asks for the next round. */
+	if (P.need > 0 && P.pressure != NULL)
+		P.pressure(P.need);
 	deliver();
 	P.in_tick = false;
 	if (P.shut)
@@ -1615,4 +1618,11 @@ void
 pool_set_pressure(void (*fn)(unsigned need))
 {
 	P.pressure = fn;
+}
+
+void
+pool_note_parkable(void)
+{
+	if (P.init && P.need > 0)
+		pool_kick();
 }

@@ -151,6 +151,9 @@ void pool_forget(struct upstream *u);
  * shortage lasts, so the callee counts what it is already doing.
  */
 void pool_set_pressure(void (*fn)(unsigned need));
+/* A lessee could now give its session back: if waiters are short of
+ * slots, run the pressure callback again soon. */
+void pool_note_parkable(void);
 
 /* Timers: queue timeouts, idle retirement, token refill. */
 void pool_tick(void);

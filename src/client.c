@@ -1210,6 +1210,28 @@ cl_reattach(struct client *c)
 	cl_ask_pool(c);
 }
 
+/*
+ * The session has collected nearly as many NO/BAD answers as Exchange
+ * allows on one connection: continue on a fresh one (the pool retires this
+ * one), with the mailbox selected again as before.
+ */
+static void
+cl_swap_upstream(struct client *c)
+{
+	struct upstream *u = c->cl_up;
+
+	log_info("client_upstream_worn", "id=%llu mailbox=%s up=%llu",
+	    (unsigned long long)c->cl_id, c->cl_name.mailbox,
+	    (unsigned long long)upstream_id(u));
+	c->cl_up = NULL;
+	upstream_set_lessee(u, NULL, NULL);
+	pool_release(u, c->cl_selected ? POOL_RELEASE_SELECTED :
+	    POOL_RELEASE_CLEAN);
+	c->cl_selected = false;
+	c->cl_recover = CL_REDO_NONE;
+	cl_reattach(c);
+}
+
 /* The whole command has been read. */
 static void
 cl_command_sent(struct client *c)
@@ -2102,6 +2124,11 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 			return;
 		if (cl_drain_bye != NULL && c->cl_inflight == 0) {
 			cl_close(c, "shutdown", cl_drain_bye);
+			return;
+		}
+		if (c->cl_inflight == 0 && c->cl_cur == CL_CUR_NONE &&
+		    c->cl_up != NULL && pool_session_worn(c->cl_up)) {
+			cl_swap_upstream(c);
 			return;
 		}
 		cl_touch(c);

@@ -948,6 +948,7 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	w->pw_entry = e;
 	w->pw_next_server = server + 1;
 
+	retry_login_started(now);
 	u = P.ops->open(cfg, best->pa_index, server, e->pe_domain, e->pe_mailbox,
 	    &pool_up_cbs, e, entry_free_cb, e);
 	if (u == NULL) {
@@ -1625,4 +1626,15 @@ pool_note_parkable(void)
 {
 	if (P.init && P.need > 0)
 		pool_kick();
+}
+
+bool
+pool_session_worn(const struct upstream *u)
+{
+	unsigned bad, failed;
+
+	if (!P.init)
+		return false;
+	failed = P.ops->failed_responses(u, &bad);
+	return failed >= POOL_RETIRE_FAILED || bad >= POOL_RETIRE_BAD;
 }

@@ -141,6 +141,10 @@ void pool_acquire(struct pool_waiter *w);
 void pool_cancel(struct pool_waiter *w);
 /* Give a leased session back. */
 void pool_release(struct upstream *u, enum pool_release how);
+/* True when a session has seen so many tagged NO/BAD that Exchange would
+ * soon close it (10th NO-or-BAD, 3rd BAD): its lessee should change to a
+ * fresh one at the next boundary (pool_release retires it then). */
+bool pool_session_worn(const struct upstream *u);
 /* A leased session died; the lessee saw "lost".  The pool forgets it. */
 void pool_forget(struct upstream *u);
 

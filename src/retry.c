@@ -434,13 +434,16 @@ retry_server_pick_except(uint64_t now_ms, uint64_t avoid)
 {
 	size_t i;
 
-	for (i = 0; i < R.n_servers; i++)
-		if (!avoided(i, avoid) && !R.servers[i].rs_down)
-			return i;
+	/* A down server whose cooldown has ended gets the next login as
+	 * its probe, even while others work: otherwise the first server of
+	 * the list would never be used again. */
 	for (i = 0; i < R.n_servers; i++)
 		if (!avoided(i, avoid) &&
 		    server_probe_ready(&R.servers[i], now_ms))
 			return server_probe_start(i, now_ms);
+	for (i = 0; i < R.n_servers; i++)
+		if (!avoided(i, avoid) && !R.servers[i].rs_down)
+			return i;
 	return (size_t)-1;
 }
 
@@ -776,4 +779,14 @@ retry_shutdown(void)
 	free(R.servers);
 	memset(&R, 0, sizeof(R));
 	retry_init_once();
+}
+
+void
+retry_login_started(uint64_t now_ms)
+{
+	/* While every account fails, one new login per backoff step: the
+	 * queue must not burst a login per waiter each time it opens. */
+	if (R.g_slow)
+		R.g_not_before = now_ms + backoff(R.backoff_initial_ms,
+		    R.backoff_max_ms, R.g_fails - slow_after() + 1, retry_rand());
 }

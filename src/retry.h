@@ -118,6 +118,9 @@ bool retry_admin_quarantined(size_t admin, uint64_t now_ms);
 /* When every admin keeps failing, new logins slow down: the earliest time
  * the next new login may start (now_ms when there is no slowdown). */
 uint64_t retry_login_not_before(uint64_t now_ms);
+/* A new login starts now: during the slowdown this moves
+ * retry_login_not_before() a backoff step further. */
+void retry_login_started(uint64_t now_ms);
 
 /* ---- negative cache of refused mailboxes: keyed by (domain, mailbox),
  * ASCII case-insensitive; entries live negative_cache_ttl (0: no cache);

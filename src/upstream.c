@@ -459,8 +459,13 @@ up_login_refused(struct upstream *u, const struct imap_resp *r)
 {
 	u->up_no += r->status == IMAP_ST_NO;
 	u->up_bad += r->status == IMAP_ST_BAD;
-	up_fail(u, UP_FAIL_LOGIN, "%s %.*s", r->status == IMAP_ST_NO ? "NO" :
-	    "BAD", (int)(r->text_len > 300 ? 300 : r->text_len), r->text);
+	/* The response code stays in: "[AUTHENTICATIONFAILED]" and
+	 * "[UNAVAILABLE]" decide how retry.c classifies the refusal. */
+	up_fail(u, UP_FAIL_LOGIN, "%s%s%.*s%s%.*s",
+	    r->status == IMAP_ST_NO ? "NO" : "BAD", r->code != NULL ? " [" : "",
+	    (int)(r->code != NULL ? (r->code_len > 200 ? 200 : r->code_len) : 0),
+	    r->code != NULL ? r->code : "", r->code != NULL ? "] " : " ",
+	    (int)(r->text_len > 300 ? 300 : r->text_len), r->text);
 }
 
 /* One response line while logging in. */

@@ -34,15 +34,43 @@ counting a connection from TCP accept until its socket closes
 Fault injection goes through `script`, a dict of optional hooks; each may be
 changed while the server runs:
 
-  on_connect(conn)                -> None | "drop" | "stall" | bytes
+  on_connect(conn)                -> None | "drop" | "stall" | bytes | seconds
+                                     | "tls_alert" | "tls_abort"
         before TLS.  bytes: sent in plaintext, then the connection closes
-        (e.g. b"* BYE Connection is closed. 14\\r\\n").
+        (e.g. b"* BYE Connection is closed. 14\\r\\n").  "tls_alert": read
+        the ClientHello, answer a fatal handshake_failure alert, close
+        (Schannel's fatal alerts); "tls_abort": read it and close without a
+        word.  A number: sleep that many seconds, then go on as usual.
   greeting(conn)                  -> None | bytes (full greeting line)
-  on_login(conn, user, password)  -> None | "drop" | "stall" | str
+        a greeting starting "* BYE" is sent and the connection closed
+        (e.g. b"* BYE Connection is closed. 10\\r\\n", server limit).
+  on_login(conn, user, password)  -> None | "drop" | "stall" | str | seconds
         str: the tagged reply text without the tag, e.g. "NO LOGIN failed."
-        (a reply starting with "OK" logs the session in).
-  on_command(conn, tag, name, cmd)-> None | "drop" | "stall" | bytes
+        (a reply starting with "OK" logs the session in).  A number: think
+        that long, then answer as usual.
+  on_command(conn, tag, name, cmd)-> None | "drop" | "stall" | bytes | seconds
+                                     | "drop_after" | ("close", bytes)
         bytes: sent instead of the normal reply (include the tagged line).
+        "drop_after": carry the command out (an APPEND stores its message)
+        but close the connection instead of sending any reply byte.
+        ("close", bytes): send bytes, then close.  A number: stall that
+        many seconds, then answer as usual.
+  on_literal(conn, head, n)       -> None | "drop" | int k | (k, seconds)
+        when a command announces a literal of n bytes (head: the command
+        so far).  "drop" or k: close after receiving k (0) bytes of it; the
+        partial command is recorded (conn.truncated is set).  (k, seconds):
+        read k bytes, wait that long (the sender may finish meanwhile),
+        then close.
+
+Exchange's own counters (exchange_counters=True): the 4th failed LOGIN on a
+connection is answered "* BYE Connection is closed. 14" and the connection
+closed; the 10th tagged NO-or-BAD of any kind on a connection is sent and
+the connection closed without a word (conn.failed_commands counts them).
+
+APPEND stores the literal as is; UID SEARCH / SEARCH understand ALL, SEEN,
+UNSEEN, DELETED, UNDELETED and HEADER <field> <string> (substring, case-
+insensitive), so "UID SEARCH HEADER Message-ID <id>" finds an APPENDed
+message; copies(mailbox, message_id) counts them for a test.
 
 drop_all() and kill_mailbox(name) close server-side connections abruptly
 (Exchange dropping sessions).  Helpers fail_logins(k), bye_plaintext(), etc.
@@ -116,6 +144,11 @@ class Conn:
         self.killed = False      # closed by drop_all() / kill_mailbox()
         self.idling_tag = None
         self.failed_logins = 0
+        self.failed_commands = 0  # tagged NO or BAD sent (Exchange's counter)
+        self.withhold = False    # "drop_after": replies are not sent
+        self.withheld = []       # replies that were not sent
+        self.truncated = False   # closed in the middle of a literal (on_literal)
+        self.not_connected = False  # authenticated_not_connected()
         self.error = None
         self.wlock = threading.Lock()
         self.rfile = None
@@ -123,6 +156,15 @@ class Conn:
     # ---- I/O
     def write(self, data):
         with self.wlock:
+            if self.withhold:
+                self.withheld.append(data)
+                return
+            # Exchange's "failedCommands": every tagged NO or BAD counts
+            last = data.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
+            toks = last.split(b" ", 2)
+            if (len(toks) >= 2 and not last.startswith((b"*", b"+"))
+                    and toks[1].upper() in (b"NO", b"BAD")):
+                self.failed_commands += 1
             self.replies.append(data)
             self.sock.sendall(data)
 
@@ -142,6 +184,21 @@ class Conn:
             if not m:
                 return out
             n = int(m.group(1))
+            act = self.server._hook("on_literal", self, out, n)
+            if act is not None:
+                linger = 0
+                if isinstance(act, tuple):
+                    act, linger = act
+                k = 0 if act == "drop" else max(0, min(int(act), n))
+                if not m.group(2):
+                    self.write(LITERAL_CONT)
+                data = self.rfile.read(k) if k else b""
+                if linger:
+                    time.sleep(linger)     # the rest waits unread in the socket
+                with self.server.lock:
+                    self.truncated = True
+                    self.commands.append((time.monotonic(), out + data))
+                raise EOFError
             if not m.group(2):
                 self.write(LITERAL_CONT)
             data = self.rfile.read(n)
@@ -195,6 +252,29 @@ def command_name(cmd):
     if name == "UID" and len(toks) > 2:
         name += " " + toks[2].decode(errors="replace").upper()
     return name
+
+
+def _is_seconds(act):
+    """A hook's "wait this many seconds, then go on" answer."""
+    return isinstance(act, (int, float)) and not isinstance(act, bool)
+
+
+def message_header(data, field):
+    """The (unfolded) value of header `field` of message bytes, or None."""
+    head = data.split(b"\r\n\r\n", 1)[0]
+    head = re.sub(rb"\r?\n[ \t]+", b" ", head)
+    for line in head.split(b"\n"):
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == field.lower():
+            return value.strip()
+    return None
+
+
+def header_matches(data, field, value):
+    """SEARCH HEADER semantics: the field exists and contains value
+    (case-insensitive); an empty value matches any message with the field."""
+    v = message_header(data, field)
+    return v is not None and value.lower() in v.lower()
 
 
 def mask_login(cmd):
@@ -446,6 +526,27 @@ class FakeExchange:
         return len(conns)
 
     # ---- records
+    def copies(self, mailbox, message_id):
+        """How many messages of `mailbox` carry this Message-ID (bytes or
+        str, with or without the angle brackets' exact spelling)."""
+        if isinstance(message_id, str):
+            message_id = message_id.encode()
+        with self.lock:
+            mb = self.mailboxes.get(mailbox.lower())
+            msgs = list(mb.messages) if mb else []
+        return sum(1 for m in msgs
+                   if (message_header(m.data, b"Message-ID") or b"") == message_id.strip())
+
+    def messages_with(self, mailbox, message_id):
+        """The stored Message objects of `mailbox` with this Message-ID."""
+        if isinstance(message_id, str):
+            message_id = message_id.encode()
+        with self.lock:
+            mb = self.mailboxes.get(mailbox.lower())
+            msgs = list(mb.messages) if mb else []
+        return [m for m in msgs
+                if (message_header(m.data, b"Message-ID") or b"") == message_id.strip()]
+
     @property
     def n_connections(self):
         with self.lock:
@@ -661,10 +762,24 @@ class FakeExchange:
 
     def _serve_inner(self, conn):
         act = self._hook("on_connect", conn)
+        if _is_seconds(act):
+            time.sleep(act)
+            act = None
         if act == "drop":
             return
         if act == "stall":
             return self._stall(conn)
+        if act in ("tls_alert", "tls_abort"):
+            conn.sock.settimeout(5)
+            hello = conn.sock.recv(65536)      # the ClientHello
+            with self.lock:
+                conn.tls = False
+                conn.tls_error = "%s after %d bytes of ClientHello" % (act, len(hello))
+            if act == "tls_alert":
+                # TLS 1.2 record: alert, fatal (2), handshake_failure (40)
+                conn.sock.sendall(b"\x15\x03\x03\x00\x02\x02\x28")
+                time.sleep(0.05)
+            return
         if isinstance(act, (bytes, bytearray)):
             conn.sock.sendall(act)
             time.sleep(0.1)
@@ -675,12 +790,17 @@ class FakeExchange:
             conn.rfile = conn.sock.makefile("rb")
         g = self._hook("greeting", conn)
         conn.write(g if g is not None else GREETING)
+        if g is not None and g.startswith(b"* BYE"):
+            time.sleep(0.05)
+            return
         while not self.stop_event.is_set():
             cmd = conn.read_command()
             with self.lock:
                 conn.commands.append((time.monotonic(), cmd))
             if not self._dispatch(conn, cmd):
                 return
+            if self.exchange_counters and conn.failed_commands >= 10:
+                return        # the 10th NO-or-BAD: closed without a word
 
     def _reply(self, conn, data):
         conn.write(data if isinstance(data, bytes) else data.encode())
@@ -705,6 +825,9 @@ class FakeExchange:
         args = toks[2:]
         t = tag + b" "
         act = self._hook("on_command", conn, tag, name, cmd)
+        if _is_seconds(act):
+            time.sleep(act)
+            act = None
         if act == "drop":
             return False
         if act == "stall":
@@ -713,6 +836,19 @@ class FakeExchange:
         if isinstance(act, (bytes, bytearray)):
             self._reply(conn, act)
             return True
+        if isinstance(act, tuple) and act[:1] == ("close",):
+            self._reply(conn, act[1])
+            time.sleep(0.05)
+            return False
+        if act == "drop_after":
+            # carry it out, but the connection dies before any reply byte
+            with conn.wlock:
+                conn.withhold = True
+            self._dispatch_command(conn, cmd, tag, name, args, t)
+            return False
+        return self._dispatch_command(conn, cmd, tag, name, args, t)
+
+    def _dispatch_command(self, conn, cmd, tag, name, args, t):
 
         if name not in PREAUTH_OK and conn.admin is None:
             self._reply(conn, t + b"BAD Command received in Invalid state.\r\n")
@@ -836,6 +972,9 @@ class FakeExchange:
         if self.login_delay:
             time.sleep(self.login_delay)
         act = self._hook("on_login", conn, user_s, pw_s)
+        if _is_seconds(act):
+            time.sleep(act)
+            act = None
         mailbox = parts[2] if len(parts) == 3 else None
 
         def record(reply, ok, reason):
@@ -1002,17 +1141,31 @@ class FakeExchange:
             return
         with self.lock:
             msgs = list(conn.selected.messages)
+        raw = list(args)
         keys = [a.upper() for a in args]
         if keys[:1] == [b"CHARSET"]:
             if len(keys) < 2 or keys[1] not in (b"US-ASCII", b"UTF-8"):
                 self._reply(conn, t + b"NO [BADCHARSET (US-ASCII)] The specified charset is "
                             b"not supported.\r\n")
                 return
-            keys = keys[2:]
+            keys, raw = keys[2:], raw[2:]
+        headers = []      # HEADER <field> <string>
+        flagkeys = []
+        i = 0
+        while i < len(keys):
+            if keys[i] == b"HEADER":
+                if i + 2 >= len(keys):
+                    self._reply(conn, t + b"BAD Command Argument Error. 12\r\n")
+                    return
+                headers.append((raw[i + 1], raw[i + 2]))
+                i += 3
+            else:
+                flagkeys.append(keys[i])
+                i += 1
         hits = []
         for i, m in enumerate(msgs):
             ok = True
-            for k in keys:
+            for k in flagkeys:
                 if k == b"SEEN":
                     ok = ok and "\\Seen" in m.flags
                 elif k == b"UNSEEN":
@@ -1021,6 +1174,8 @@ class FakeExchange:
                     ok = ok and "\\Deleted" in m.flags
                 elif k == b"UNDELETED":
                     ok = ok and "\\Deleted" not in m.flags
+            for field, value in headers:
+                ok = ok and header_matches(m.data, field, value)
             if ok:
                 hits.append(m.uid if uid else i + 1)
         self._reply(conn, b"* SEARCH" + b"".join(b" %d" % h for h in hits) + b"\r\n"
@@ -1064,33 +1219,172 @@ class FakeExchange:
 
 
 # ------------------------------------------------------------ hook helpers
+#
+# Each helper builds one hook (or, for authenticated_not_connected, a dict of
+# hooks to merge into `script`).  A hook object may be shared by several
+# FakeExchange instances (servers): its counters are then global.  Filters:
+# mailbox / admin (case-insensitive) restrict a fault to those sessions;
+# times / k bound how often it fires (None: always).  hook.state["n"] counts
+# the times it fired.
 
-def fail_logins(k, text="NO LOGIN failed."):
-    """on_login hook: the first k LOGIN/AUTHENTICATE attempts get `text`."""
-    state = {"n": 0}
+def _login_parts(user):
+    parts = re.split(r"[/\\]", user)
+    if len(parts) == 3:
+        return parts[1], parts[2]
+    return None, user
+
+
+def _counter(k):
+    state = {"n": 0, "seen": 0}
     lock = threading.Lock()
 
-    def hook(conn, user, password):
+    def fire():
         with lock:
-            state["n"] += 1
-            if state["n"] <= k:
-                return text
+            state["seen"] += 1
+            if k is None or state["n"] < k:
+                state["n"] += 1
+                return True
+            return False
+    return state, fire
+
+
+def _same(a, b):
+    return b is None or (a or "").lower() == b.lower()
+
+
+def fail_logins(k, text="NO LOGIN failed.", mailbox=None, admin=None):
+    """on_login hook: the first k matching LOGIN/AUTHENTICATE attempts get
+    `text` (k=None: every one).  E.g. "NO Server Unavailable. 15",
+    "NO [AUTHENTICATIONFAILED] Invalid credentials"."""
+    state, fire = _counter(k)
+
+    def hook(conn, user, password):
+        adm, mbx = _login_parts(user)
+        if _same(mbx, mailbox) and _same(adm, admin) and fire():
+            return text
         return None
     hook.state = state
     return hook
 
 
 def bye_plaintext(text=b"* BYE Connection is closed. 14\r\n"):
-    """on_connect hook: answer a TLS ClientHello with Exchange's plaintext BYE."""
+    """on_connect hook: answer a TLS ClientHello with Exchange's plaintext BYE
+    (no certificate bound to IMAP, event 1102)."""
     return lambda conn: text
 
 
-def drop_on(command):
-    """on_command hook: close the connection when `command` arrives."""
-    command = command.upper()
-    return lambda conn, tag, name, cmd: "drop" if name == command else None
+def tls_alert(times=None):
+    """on_connect hook: read the ClientHello, answer a fatal TLS alert."""
+    state, fire = _counter(times)
+
+    def hook(conn):
+        return "tls_alert" if fire() else None
+    hook.state = state
+    return hook
 
 
-def stall_on(command):
+def tls_abort(times=None):
+    """on_connect hook: read the ClientHello and close without a word."""
+    state, fire = _counter(times)
+
+    def hook(conn):
+        return "tls_abort" if fire() else None
+    hook.state = state
+    return hook
+
+
+def bye_greeting(text=b"* BYE Connection is closed. 10\r\n", times=None):
+    """greeting hook: greet with `text` (default: server connection limit)
+    and close, the first `times` connections (None: every one)."""
+    state, fire = _counter(times)
+
+    def hook(conn):
+        return text if fire() else None
+    hook.state = state
+    return hook
+
+
+def authenticated_not_connected(k=None, mailbox=None, admin=None):
+    """Hooks (a dict for `script`) for Exchange Online's broken proxy: the
+    first k matching LOGINs are answered OK, then every command on that
+    connection gets "BAD User is authenticated but not connected.", the 3rd
+    with "* BYE Connection closed. 14" and the connection closed."""
+    state, fire = _counter(k)
+
+    def on_login(conn, user, password):
+        adm, mbx = _login_parts(user)
+        if _same(mbx, mailbox) and _same(adm, admin) and fire():
+            conn.not_connected = True
+            return "OK LOGIN completed."
+        return None
+
+    def on_command(conn, tag, name, cmd):
+        if not conn.not_connected or name == "LOGIN":
+            return None
+        conn.nc_bad = getattr(conn, "nc_bad", 0) + 1
+        line = tag + b" BAD User is authenticated but not connected.\r\n"
+        if conn.nc_bad >= 3:
+            return ("close", line + b"* BYE Connection closed. 14\r\n")
+        return line
+    on_login.state = state
+    return {"on_login": on_login, "on_command": on_command}
+
+
+def drop_on(command, times=None, mailbox=None, after=False):
+    """on_command hook: close the connection when `command` ("FETCH",
+    "UID FETCH", "APPEND"...) arrives, before any reply byte; after=True:
+    carry the command out first (an APPEND is stored) and close instead of
+    answering.  times: only the first n matching commands (None: all)."""
     command = command.upper()
-    return lambda conn, tag, name, cmd: "stall" if name == command else None
+    state, fire = _counter(times)
+
+    def hook(conn, tag, name, cmd):
+        full = command_name(cmd)
+        if (name == command or full == command) and _same(conn.mailbox, mailbox) and fire():
+            return "drop_after" if after else "drop"
+        return None
+    hook.state = state
+    return hook
+
+
+def drop_in_literal(command="APPEND", after_bytes=0, times=1, mailbox=None, linger=0):
+    """on_literal hook: close the connection after receiving `after_bytes`
+    bytes of the literal of `command` (the message was never stored);
+    linger: wait that many seconds before closing, reading nothing more."""
+    command = command.upper()
+    state, fire = _counter(times)
+
+    def hook(conn, head, n):
+        if (command_name(head) == command and _same(conn.mailbox, mailbox) and fire()):
+            k = min(after_bytes, max(0, n - 1))
+            return (k, linger) if linger else k
+        return None
+    hook.state = state
+    return hook
+
+
+def stall_on(command, seconds=None, times=None, mailbox=None):
+    """on_command hook: stall when `command` arrives: forever (until the
+    peer closes), or `seconds` and then answer as usual."""
+    command = command.upper()
+    state, fire = _counter(times)
+
+    def hook(conn, tag, name, cmd):
+        if ((name == command or command_name(cmd) == command)
+                and _same(conn.mailbox, mailbox) and fire()):
+            return "stall" if seconds is None else float(seconds)
+        return None
+    hook.state = state
+    return hook
+
+
+def chain(*hooks):
+    """One hook from several of the same kind: the first non-None answer."""
+    def hook(*a):
+        for h in hooks:
+            if h is not None:
+                r = h(*a)
+                if r is not None:
+                    return r
+        return None
+    return hook

@@ -110,8 +110,6 @@ static int cfg_set_bool(const struct cfg_key *, void *, const char *,
     bool, char *, size_t);
 static int cfg_set_uint(const struct cfg_key *, void *, const char *,
     bool, char *, size_t);
-static int cfg_set_size(const struct cfg_key *, void *, const char *,
-    bool, char *, size_t);
 static int cfg_set_size64(const struct cfg_key *, void *, const char *,
     bool, char *, size_t);
 static int cfg_set_duration(const struct cfg_key *, void *, const char *,
@@ -159,7 +157,7 @@ static const struct cfg_key cfg_keys[] = {
 	    1, UINT_MAX),
 	K_NUM(CFG_S_SHIM, "max_unauth_per_ip", cfg_set_uint,
 	    max_unauth_per_ip, "256", 1, UINT_MAX),
-	K_NUM(CFG_S_SHIM, "max_command_bytes", cfg_set_size,
+	K_NUM(CFG_S_SHIM, "max_command_bytes", cfg_set_size64,
 	    max_command_bytes, "10240", 1024, 1048576),
 	K_NUM(CFG_S_SHIM, "max_literal_bytes", cfg_set_size64,
 	    max_literal_bytes, "52428800", 1, 4ULL << 30),
@@ -531,20 +529,6 @@ cfg_set_uint(const struct cfg_key *k, void *base, const char *v, bool append,
 	return 0;
 }
 
-/* A size within the key's range, for the two setters below. */
-static int
-cfg_size_value(const struct cfg_key *k, const char *v, uint64_t *n_r,
-    char *err, size_t errlen)
-{
-	if (config_parse_size(v, n_r) == -1) {
-		cfg_errmsg(err, errlen,
-		    "'%s' is not a size (bytes, or a number with k, M or G)",
-		    v);
-		return -1;
-	}
-	return cfg_range(k, *n_r, false, err, errlen);
-}
-
 static int
 cfg_set_size64(const struct cfg_key *k, void *base, const char *v,
     bool append, char *err, size_t errlen)
@@ -552,22 +536,15 @@ cfg_set_size64(const struct cfg_key *k, void *base, const char *v,
 	uint64_t n;
 
 	(void)append;
-	if (cfg_size_value(k, v, &n, err, errlen) == -1)
+	if (config_parse_size(v, &n) == -1) {
+		cfg_errmsg(err, errlen,
+		    "'%s' is not a size (bytes, or a number with k, M or G)",
+		    v);
+		return -1;
+	}
+	if (cfg_range(k, n, false, err, errlen) == -1)
 		return -1;
 	*FIELD(base, k->off, uint64_t) = n;
-	return 0;
-}
-
-static int
-cfg_set_size(const struct cfg_key *k, void *base, const char *v,
-    bool append, char *err, size_t errlen)
-{
-	uint64_t n;
-
-	(void)append;
-	if (cfg_size_value(k, v, &n, err, errlen) == -1)
-		return -1;
-	*FIELD(base, k->off, size_t) = (size_t)n;
 	return 0;
 }
 

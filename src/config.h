@@ -48,7 +48,7 @@ struct config {
 	char *client_login_format;		/* default {domain}/{admin}/{mailbox} */
 	unsigned max_clients;			/* default 20000 */
 	unsigned max_unauth_per_ip;		/* default 256 */
-	size_t max_command_bytes;		/* default 10240 */
+	uint64_t max_command_bytes;		/* default 10240 */
 	uint64_t max_literal_bytes;		/* default 52428800 */
 	uint64_t client_login_timeout_ms;	/* default 60s */
 	uint64_t client_idle_timeout_ms;	/* default 30m */

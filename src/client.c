@@ -151,6 +151,7 @@ struct client {
 	bool cl_logout;			/* LOGOUT read: nothing after it is */
 	unsigned cl_inflight;		/* relayed commands without their reply */
 	bool cl_selected;		/* a mailbox is selected upstream */
+	bool cl_select_opaque;		/* selected by a command we cannot redo */
 
 	/* Recovery after an upstream loss (DESIGN 3.5). */
 	char *cl_select_cmd;		/* what selected the current mailbox */
@@ -1264,9 +1265,16 @@ cl_recover_done_cb(void *arg, bool ok)
 	struct client *c = arg;
 
 	if (!ok && c->cl_up != NULL && upstream_state(c->cl_up) == UP_S_CLOSING) {
-		/* Lost again while recovering: start over (bounded). */
+		/* Lost again while recovering: start over (bounded).  The
+		 * new session has nothing selected, and an APPEND check
+		 * must look again from the start: an unanswered SEARCH
+		 * proves nothing. */
 		pool_forget(c->cl_up);
 		c->cl_up = NULL;
+		c->cl_selected = false;
+		if (c->cl_recover == CL_REDO_APPEND_SEARCH ||
+		    c->cl_recover == CL_REDO_APPEND_DECIDE)
+			c->cl_recover = CL_REDO_APPEND_EXAMINE;
 		if (++c->cl_recover_tries < CL_RECOVER_TRIES) {
 			cl_reattach(c);
 			return;
@@ -1426,7 +1434,12 @@ cl_recover_step(struct client *c)
 	}
 resume:
 	c->cl_recover_tries = 0;
-	cl_unblock(c);
+	/* Reading may have been stopped by whatever came before the loss
+	 * (a park, backpressure): start it again whatever the reason. */
+	if (c->cl_state == CL_S_AUTH && !c->cl_logout) {
+		c->cl_read_blocked = false;
+		cl_resume_reading(c);
+	}
 }
 
 /* ------------------------------------------------------------ multiplex */
@@ -1481,6 +1494,7 @@ static bool
 cl_parkable(struct client *c)
 {
 	if (c->cl_state != CL_S_AUTH || c->cl_up == NULL || c->cl_logout ||
+	    c->cl_select_opaque ||
 	    c->cl_waiting || c->cl_recover != CL_REDO_NONE ||
 	    c->cl_cur != CL_CUR_NONE || !imap_framer_at_boundary(&c->cl_framer) ||
 	    c->cl_swallow_cont || c->cl_idle_refresh ||
@@ -1562,11 +1576,15 @@ cl_park_done_cb(void *arg, bool ok)
 	cl_parking--;
 	if (!ok || !c->cl_snap_ok) {
 		if (upstream_state(u) == UP_S_CLOSING) {
-			/* Lost while looking: no view to compare with later. */
+			/* Lost while looking: go on attached, on another
+			 * session with the mailbox selected again, as after
+			 * any loss between commands. */
 			pool_forget(u);
 			c->cl_up = NULL;
-			cl_close(c, "upstream-lost", "The connection to Exchange "
-			    "was lost.");
+			c->cl_selected = false;
+			c->cl_recover = CL_REDO_NONE;
+			cl_set_state(c, CL_S_AUTH);
+			cl_reattach(c);
 			return;
 		}
 		/* Could not take the snapshot: stay attached. */
@@ -1612,7 +1630,7 @@ cl_park(struct client *c)
 	if (c->cl_pending_ev == NULL)
 		c->cl_pending_ev = evbuffer_new();
 	evbuffer_drain(c->cl_pending_ev, evbuffer_get_length(c->cl_pending_ev));
-	if (!c->cl_selected || c->cl_exists == 0 ||
+	if (c->cl_select_cmd == NULL || c->cl_exists == 0 ||
 	    upstream_command_lines(c->cl_up, "FETCH 1:* (UID FLAGS)",
 	    cl_snap_line_cb, cl_park_done_cb, c) != 0)
 		cl_park_done_cb(c, true);
@@ -1648,8 +1666,14 @@ static void
 cl_resync_fail(struct client *c, const char *bye)
 {
 	if (c->cl_up != NULL && upstream_state(c->cl_up) == UP_S_CLOSING) {
+		/* Lost under us: start the attach over on another session. */
 		pool_forget(c->cl_up);
 		c->cl_up = NULL;
+		c->cl_rs = CL_RS_SELECT;
+		if (++c->cl_recover_tries < CL_RECOVER_TRIES) {
+			cl_ask_pool(c);
+			return;
+		}
 		bye = "The connection to Exchange was lost.";
 	}
 	cl_close(c, "resync-failed", bye);
@@ -1702,9 +1726,10 @@ cl_resync_emit(void *arg, enum resync_ev ev, size_t n)
 static void
 cl_resync_step(struct client *c)
 {
-	switch (c->cl_selected ? c->cl_rs : CL_RS_EMIT) {
+	switch (c->cl_select_cmd != NULL ? c->cl_rs : CL_RS_EMIT) {
 	case CL_RS_SELECT:
 		c->cl_rs = CL_RS_FETCH;
+		c->cl_selected = true;
 		c->cl_new_uidvalidity = c->cl_new_exists = 0;
 		c->cl_snap_ok = true;
 		if (upstream_command_lines(c->cl_up, c->cl_select_cmd,
@@ -1732,7 +1757,7 @@ cl_resync_step(struct client *c)
 		}
 		/* FALLTHROUGH */
 	case CL_RS_EMIT:
-		if (!c->cl_selected)
+		if (c->cl_select_cmd == NULL)
 			break;
 		/* What the client missed while we looked, then the rest. */
 		if (c->cl_pending_ev != NULL)
@@ -1825,8 +1850,10 @@ cl_pool_granted(struct pool_waiter *w, struct upstream *u)
 	c->cl_up = u;
 	upstream_set_lessee(u, &cl_up_cbs, c);
 	c->cl_relay_sync_lit = !upstream_has_cap(u, "LITERAL+");
-	if (c->cl_state == CL_S_ATTACHING)
+	if (c->cl_state == CL_S_ATTACHING) {
+		c->cl_selected = false;	/* a fresh session: nothing yet */
 		cl_resync_step(c);	/* back from parking */
+	}
 	else if (c->cl_state == CL_S_AUTH)
 		cl_recover_step(c);	/* back after a loss */
 	else
@@ -2065,6 +2092,13 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 		return;
 	}
 	c->cl_up_active_ms = util_now_ms();
+	if (resp != NULL && resp->kind == IMAP_RESP_UNTAGGED &&
+	    resp->status == IMAP_ST_BYE) {
+		/* The upstream session ends, not the client's: the loss that
+		 * follows is handled (and hidden) like any other. */
+		evbuffer_drain(in, fr->len);
+		return;
+	}
 	if (resp != NULL && resp->kind == IMAP_RESP_UNTAGGED)
 		cl_track_untagged(c, fr, in);
 	if (resp != NULL && resp->kind == IMAP_RESP_TAGGED) {
@@ -2109,8 +2143,11 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 				c->cl_select_cmd = p->select_cmd;
 				p->select_cmd = NULL;
 			}
+			c->cl_select_opaque = c->cl_selected &&
+			    c->cl_select_cmd == NULL;
 		} else if (p->selects < 0 && resp->status == IMAP_ST_OK) {
 			c->cl_selected = false;
+			c->cl_select_opaque = false;
 			free(c->cl_select_cmd);
 			c->cl_select_cmd = NULL;
 		}
@@ -2272,6 +2309,15 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 		/* Answered NO [UNAVAILABLE] while waiting for a session. */
 		c->cl_drop_next = false;
 		evbuffer_drain(in, fr->len);
+		if (fr->has_lit && !fr->lit_nonsync) {
+			/* Nobody sent "+": the client sends no literal, its
+			 * next bytes are a new command. */
+			imap_framer_init(&c->cl_framer,
+			    cl_cfg()->max_command_bytes,
+			    cl_cfg()->max_literal_bytes);
+			c->cl_cur = CL_CUR_NONE;
+			return;
+		}
 		c->cl_cur = fr->last ? CL_CUR_NONE : CL_CUR_SWALLOW;
 		return;
 	}

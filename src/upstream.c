@@ -721,16 +721,19 @@ up_event_cb(struct bufferevent *bev, short what, void *arg)
 	}
 	case UP_S_READY: {
 		const struct upstream_cbs *cbs = u->up_cbs;
+		void *lessee = u->up_arg;
+		void (*done)(void *, bool) = u->up_cmd_done;
+		void *done_arg = u->up_cmd_arg;
 		const char *why = (what & BEV_EVENT_EOF) ?
 		    "server closed the connection" : "connection error";
 
-		u->up_cbs = NULL;
-		if (up_cmd_finish(u, false))
-			;	/* the command's owner learns of it */
+		/* Closing first: whoever hears of it sees a lost session. */
+		up_close(u, (what & BEV_EVENT_EOF) ? "server-eof" :
+		    "server-error", false);
+		if (done != NULL)
+			done(done_arg, false);	/* its own command's owner */
 		else if (cbs != NULL && cbs->lost != NULL)
-			cbs->lost(u->up_arg, why);
-		upstream_close(u, (what & BEV_EVENT_EOF) ? "server-eof" :
-		    "server-error");
+			cbs->lost(lessee, why);
 		break;
 	}
 	default:

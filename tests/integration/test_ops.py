@@ -209,6 +209,17 @@ def set_dovecot_password(dv, admin, password):
     st = os.stat(dv.master_passwd)
     os.utime(dv.master_passwd, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
 
+    def takes_new_password():
+        try:
+            dv.connect("opsprobe", admin).close()
+            return True
+        except (harness.HarnessError, OSError):
+            return False
+    # Dovecot reads the file at its next lookup; make sure it did before
+    # the test goes on to blame imapshim for Dovecot's old password.
+    harness.wait_until(takes_new_password, timeout=10,
+                       what="Dovecot taking %s's new password" % admin)
+
 
 def dovecot_shim(make_shim, dv, admins, pool=None, shim=None, **kw):
     cfg = {

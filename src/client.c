@@ -1954,11 +1954,21 @@ cl_up_lost(void *arg, const char *reason)
 {
 	struct client *c = arg;
 	struct cl_pend *p = cl_inflight_pend(c);
+	bool cut = upstream_response_incomplete(c->cl_up);
 
 	pool_forget(c->cl_up);
 	c->cl_up = NULL;
 	c->cl_selected = false;
 	stats_login_retry(STATS_RETRY_LOST);
+	if (cut) {
+		/* The client has part of a response (half a FETCH literal):
+		 * nothing more can be said on that stream, not even BYE. */
+		log_info("client_upstream_lost", "id=%llu mailbox=%s reason=\"%s\" "
+		    "in_flight=%s cut=yes", (unsigned long long)c->cl_id,
+		    c->cl_name.mailbox, reason, p != NULL ? p->tag : "-");
+		cl_close(c, "upstream-lost-mid-response", NULL);
+		return;
+	}
 	log_info("client_upstream_lost", "id=%llu mailbox=%s reason=\"%s\" "
 	    "in_flight=%s", (unsigned long long)c->cl_id, c->cl_name.mailbox,
 	    reason, p != NULL ? p->tag : "-");

@@ -854,3 +854,9 @@ upstream_free_all(void)
 			up_free(u);
 	}
 }
+
+bool
+upstream_response_incomplete(const struct upstream *u)
+{
+	return !imap_framer_at_boundary(&u->up_framer);
+}

@@ -109,6 +109,10 @@ bool upstream_output_full(struct upstream *u);
 /* Stop or resume reading responses (the client's output is full). */
 void upstream_pause(struct upstream *u, bool pause);
 
+/* True when the last response was cut off part way (a line or a literal
+ * half relayed): whoever received its first bytes has a broken stream. */
+bool upstream_response_incomplete(const struct upstream *u);
+
 /* Capability atoms the server announced after login, upper case. */
 bool upstream_has_cap(const struct upstream *u, const char *cap);
 /* Iterate announced capabilities: returns the i-th, or NULL past the end. */

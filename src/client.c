@@ -163,6 +163,7 @@ struct client {
 	unsigned cl_recover_tries;
 	bool cl_swallow_cont;		/* hide the "+" of a silently repeated IDLE */
 	uint32_t cl_found_uidvalidity, cl_found_uid;
+	unsigned cl_append_tries;	/* sessions sought to settle an APPEND */
 	char *cl_auth_caps;		/* capabilities shown after login */
 	bool cl_in_lru;
 	TAILQ_ENTRY(client) cl_lru_link;
@@ -1111,6 +1112,9 @@ static const char *const cl_readonly_cmds[] = {
 #define CL_REPLAY_MAX (64 * 1024)
 /* Upstream losses in a row one command may survive. */
 #define CL_RECOVER_TRIES 3
+/* Failed attempts to get a session to settle an APPEND's fate (backoff
+ * 0.5 s doubling to 8 s: about a minute in all). */
+#define CL_APPEND_RECOVER_TRIES 10
 
 static bool
 cl_cmd_readonly(const struct imap_tok *cmd)
@@ -1804,6 +1808,11 @@ cl_park_timer_cb(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
+	if (c->cl_state == CL_S_AUTH && c->cl_up == NULL && !c->cl_waiting &&
+	    c->cl_recover != CL_REDO_NONE) {
+		cl_reattach(c);		/* an APPEND check waiting to retry */
+		return;
+	}
 	if (c->cl_state == CL_S_PARKED && c->cl_in_idle) {
 		cl_attach(c, true);
 		return;
@@ -1878,6 +1887,21 @@ cl_pool_failed(struct pool_waiter *w, enum pool_fail why, const char *reason)
 		/* No session to go on with after a loss. */
 		struct cl_pend *p = cl_inflight_pend(c);
 
+		if (c->cl_recover >= CL_REDO_APPEND_EXAMINE &&
+		    c->cl_append_tries < CL_APPEND_RECOVER_TRIES) {
+			/* Whether the voice message landed is not known yet;
+			 * answering now could store it twice: keep trying,
+			 * with backoff, for about a minute. */
+			struct timeval tv;
+			uint64_t ms = 500ULL << (c->cl_append_tries < 4 ?
+			    c->cl_append_tries : 4);
+
+			c->cl_append_tries++;
+			tv.tv_sec = (time_t)(ms / 1000);
+			tv.tv_usec = (suseconds_t)(ms % 1000) * 1000;
+			evtimer_add(c->cl_park_ev, &tv);
+			return;
+		}
 		if (p != NULL)
 			cl_pend_unavailable(c, p);
 		cl_close(c, "upstream-lost", "Exchange is not reachable; log "
@@ -2163,6 +2187,7 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 		}
 		c->cl_replay_on = false;
 		c->cl_recover_tries = 0;
+		c->cl_append_tries = 0;
 		stats_command(p->stat_cmd, util_now_us() - p->started_us);
 		p->done = true;
 		c->cl_inflight--;

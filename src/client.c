@@ -44,6 +44,8 @@
 #define CL_CLOSE_FLUSH_MS 5000
 /* Commands in flight per session; beyond it we stop reading (backpressure). */
 #define CL_MAX_PENDING 256
+/* Client input held, unread, while its previous command is upstream. */
+#define CL_INPUT_HOLD (64 * 1024)
 
 enum cl_state {
 	CL_S_HANDSHAKE,		/* implicit TLS handshake */
@@ -155,7 +157,8 @@ struct client {
 
 	/* Recovery after an upstream loss (DESIGN 3.5). */
 	char *cl_select_cmd;		/* what selected the current mailbox */
-	struct evbuffer *cl_replay;	/* the in-flight command's bytes */
+	char *cl_replay;		/* the in-flight command's bytes */
+	size_t cl_replay_len, cl_replay_cap;
 	bool cl_replay_on;		/* cl_replay holds all of them */
 	size_t cl_replay_max;
 	char *cl_append_mbox;		/* APPEND in flight: its mailbox, as sent */
@@ -297,11 +300,53 @@ cl_arm_timer(struct client *c, uint64_t ms)
 	evtimer_add(c->cl_timer, &tv);
 }
 
+/*
+ * What one upstream read relays to a client goes out as one TLS record and
+ * one write(), not one per response line: frames collect in cl_stage and
+ * move to the client's output when the read is done (cl_up_read_done),
+ * when 64 KiB have collected, or before anything else is written to that
+ * client.  One client owns the stage at a time.
+ */
+static struct evbuffer *cl_stage;
+static struct client *cl_stage_owner;
+
+static void
+cl_stage_flush(void)
+{
+	struct client *c = cl_stage_owner;
+
+	if (c == NULL)
+		return;
+	cl_stage_owner = NULL;
+	evbuffer_add_buffer(bufferevent_get_output(c->cl_bev), cl_stage);
+	relay_write_now(c->cl_bev);
+}
+
+static struct evbuffer *
+cl_stage_for(struct client *c)
+{
+	if (cl_stage_owner != c) {
+		cl_stage_flush();
+		cl_stage_owner = c;
+	}
+	return cl_stage;
+}
+
+/* The client's output, with whatever is staged for it queued first. */
+static struct evbuffer *
+cl_output(struct client *c)
+{
+	if (cl_stage_owner == c)
+		cl_stage_flush();
+	return bufferevent_get_output(c->cl_bev);
+}
+
 static void
 cl_write(struct client *c, const char *s, size_t len)
 {
 	c->cl_bytes_out += len;
-	bufferevent_write(c->cl_bev, s, len);
+	evbuffer_add(cl_output(c), s, len);
+	relay_write_now(c->cl_bev);
 }
 
 static void
@@ -618,6 +663,10 @@ cl_free(void *obj)
 
 	/* Last line of the session: after every reply it flushed. */
 	cl_plog(c, "CloseSession", "", 0, 0, 0, c->cl_close_reason);
+	if (cl_stage_owner == c) {
+		cl_stage_owner = NULL;
+		evbuffer_drain(cl_stage, evbuffer_get_length(cl_stage));
+	}
 	TAILQ_REMOVE(&cl_all, c, cl_link);
 	cl_count--;
 	cl_kind_count[cl_state_kind[c->cl_state]]--;
@@ -642,8 +691,7 @@ cl_free(void *obj)
 		evbuffer_free(c->cl_pending_ev);
 	if (c->cl_flagtext != NULL)
 		evbuffer_free(c->cl_flagtext);
-	if (c->cl_replay != NULL)
-		evbuffer_free(c->cl_replay);
+	free(c->cl_replay);
 	free(c);
 }
 
@@ -702,7 +750,7 @@ cl_close(struct client *c, const char *reason, const char *bye)
 	cl_set_state(c, CL_S_CLOSING);
 	bufferevent_disable(c->cl_bev, EV_READ);
 	evtimer_del(c->cl_timer);
-	if (evbuffer_get_length(bufferevent_get_output(c->cl_bev)) == 0) {
+	if (evbuffer_get_length(cl_output(c)) == 0) {
 		reap_add(&c->cl_reap, cl_free, c);
 		return;
 	}
@@ -1110,6 +1158,16 @@ static const char *const cl_readonly_cmds[] = {
 
 /* Largest read-only command kept for a re-run. */
 #define CL_REPLAY_MAX (64 * 1024)
+/* Replay memory kept between commands. */
+#define CL_REPLAY_KEEP 4096
+
+static void
+cl_replay_release(struct client *c)
+{
+	free(c->cl_replay);
+	c->cl_replay = NULL;
+	c->cl_replay_len = c->cl_replay_cap = 0;
+}
 /* Upstream losses in a row one command may survive. */
 #define CL_RECOVER_TRIES 3
 /* Failed attempts to get a session to settle an APPEND's fate (backoff
@@ -1161,10 +1219,12 @@ cl_prepare_rerun(struct client *c, struct cl_pend *p, const char *line,
 		p->rerun = CL_RERUN_READONLY;
 	if (p->selects > 0 && len > 0 && line[len - 1] != '}')
 		p->select_cmd = xstrndup(cmd->p, len - (size_t)(cmd->p - line));
-	if (c->cl_replay == NULL)
-		c->cl_replay = evbuffer_new();
-	evbuffer_drain(c->cl_replay, evbuffer_get_length(c->cl_replay));
-	c->cl_replay_on = p->rerun != CL_RERUN_NO && c->cl_replay != NULL;
+	/* The copy's memory is kept from command to command (no allocation
+	 * per command), unless an APPEND made it big. */
+	if (c->cl_replay_cap > CL_REPLAY_KEEP)
+		cl_replay_release(c);
+	c->cl_replay_len = 0;
+	c->cl_replay_on = p->rerun != CL_RERUN_NO;
 	c->cl_replay_max = p->rerun == CL_RERUN_APPEND ?
 	    cfg->max_literal_bytes + 2 * cfg->max_command_bytes : CL_REPLAY_MAX;
 }
@@ -1245,6 +1305,8 @@ cl_command_sent(struct client *c)
 
 	c->cl_cur = CL_CUR_NONE;
 	c->cl_up_active_ms = util_now_ms();
+	if (c->cl_up != NULL)
+		upstream_flush(c->cl_up);
 	if (c->cl_up != NULL && cl_cfg()->command_timeout_ms <
 	    cl_cfg()->client_idle_timeout_ms)
 		cl_arm_timer(c, cl_cfg()->command_timeout_ms);
@@ -1314,8 +1376,8 @@ cl_recover_line_cb(void *arg, const char *line, size_t len)
 static int
 cl_append_msgid(struct client *c, char *out, size_t outlen)
 {
-	size_t len = evbuffer_get_length(c->cl_replay);
-	const char *buf = (const char *)evbuffer_pullup(c->cl_replay, -1);
+	size_t len = c->cl_replay_len;
+	const char *buf = c->cl_replay;
 	const char *hdr, *end, *v;
 	size_t n;
 
@@ -1421,8 +1483,7 @@ cl_recover_step(struct client *c)
 		return;
 	case CL_REDO_SEND:
 		/* The same bytes, tag and all, on the new session. */
-		evbuffer_add(up, evbuffer_pullup(c->cl_replay, -1),
-		    evbuffer_get_length(c->cl_replay));
+		evbuffer_add(up, c->cl_replay, c->cl_replay_len);
 		break;
 	case CL_REDO_IDLE:
 		if (!c->cl_in_idle) {
@@ -1765,7 +1826,7 @@ cl_resync_step(struct client *c)
 			break;
 		/* What the client missed while we looked, then the rest. */
 		if (c->cl_pending_ev != NULL)
-			evbuffer_add_buffer(bufferevent_get_output(c->cl_bev),
+			evbuffer_add_buffer(cl_output(c),
 			    c->cl_pending_ev);
 		if (resync_diff(&c->cl_snap, &c->cl_now, cl_resync_emit, c) != 0) {
 			cl_close(c, "resync-failed", "The mailbox changed in a "
@@ -1842,12 +1903,14 @@ static void cl_up_frame(void *arg, const struct imap_frame *fr,
     const struct imap_resp *resp, struct evbuffer *in);
 static void cl_up_lost(void *arg, const char *reason);
 static void cl_up_writable(void *arg);
+static void cl_up_read_done(void *arg);
 
 static const struct upstream_cbs cl_up_cbs = {
 	.ready = cl_up_ready,
 	.frame = cl_up_frame,
 	.lost = cl_up_lost,
 	.writable = cl_up_writable,
+	.read_done = cl_up_read_done,
 };
 
 static void
@@ -1980,6 +2043,8 @@ cl_up_lost(void *arg, const char *reason)
 	struct cl_pend *p = cl_inflight_pend(c);
 	bool cut = upstream_response_incomplete(c->cl_up);
 
+	if (cl_stage_owner == c)
+		cl_stage_flush();	/* lines relayed before the loss */
 	pool_forget(c->cl_up);
 	c->cl_up = NULL;
 	c->cl_selected = false;
@@ -2111,7 +2176,7 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
     const struct imap_resp *resp, struct evbuffer *in)
 {
 	struct client *c = arg;
-	struct evbuffer *out = bufferevent_get_output(c->cl_bev);
+	struct evbuffer *out = cl_stage_for(c);
 	struct cl_pend *p = NULL;
 
 	if (resp != NULL && resp->kind == IMAP_RESP_CONTINUATION &&
@@ -2166,8 +2231,18 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 		cl_inflight_pend(c)->replied = true;
 	if (protolog_enabled())
 		cl_plog_response(c, p, resp, fr);
-	evbuffer_remove_buffer(in, out, fr->len);
+	if (fr->kind == IMAP_FR_LINE) {
+		/* Copied, so that the lines of one reply share one chain (one
+		 * TLS record); a line lies in in's first chain already. */
+		evbuffer_add(out, evbuffer_pullup(in, (ev_ssize_t)fr->len),
+		    fr->len);
+		evbuffer_drain(in, fr->len);
+	} else
+		evbuffer_remove_buffer(in, out, fr->len);
 	if (p != NULL) {
+		/* The reply is complete: send it before anything can take
+		 * the upstream (and its read_done callback) away. */
+		cl_stage_flush();
 		/* A failed SELECT leaves no mailbox selected (RFC 3501 6.3.1). */
 		if (p->selects > 0) {
 			c->cl_selected = resp->status == IMAP_ST_OK;
@@ -2206,8 +2281,17 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 		cl_touch(c);
 		cl_unblock(c);
 	}
+	if (cl_stage_owner == c && evbuffer_get_length(cl_stage) >= RELAY_LOWAT)
+		cl_stage_flush();
 	if (c->cl_up != NULL && relay_output_full(c->cl_bev))
 		upstream_pause(c->cl_up, true);
+}
+
+static void
+cl_up_read_done(void *arg)
+{
+	if (cl_stage_owner == arg)
+		cl_stage_flush();
 }
 
 /* ------------------------------------------------------------- relaying */
@@ -2217,14 +2301,24 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 static void
 cl_keep(struct client *c, const char *data, size_t len)
 {
+	size_t cap;
+
 	if (!c->cl_replay_on)
 		return;
-	if (evbuffer_get_length(c->cl_replay) + len > c->cl_replay_max) {
+	if (c->cl_replay_len + len > c->cl_replay_max) {
 		c->cl_replay_on = false;
-		evbuffer_drain(c->cl_replay, evbuffer_get_length(c->cl_replay));
+		c->cl_replay_len = 0;
 		return;
 	}
-	evbuffer_add(c->cl_replay, data, len);
+	if (c->cl_replay_len + len > c->cl_replay_cap) {
+		cap = c->cl_replay_cap ? c->cl_replay_cap : 256;
+		while (cap < c->cl_replay_len + len)
+			cap *= 2;
+		c->cl_replay = xrealloc(c->cl_replay, cap);
+		c->cl_replay_cap = cap;
+	}
+	memcpy(c->cl_replay + c->cl_replay_len, data, len);
+	c->cl_replay_len += len;
 }
 
 /* Move len bytes of the command being read from in to the upstream (or,
@@ -2518,9 +2612,13 @@ cl_read_cb(struct bufferevent *bev, void *arg)
 			 * servers may answer pipelined commands out of order
 			 * (Dovecot does), and the client must get its replies
 			 * in the order it sent the commands.  Resume from the
-			 * upstream's writable callback or its tagged reply. */
+			 * upstream's writable callback or its tagged reply.
+			 * Reading stays on (switching it off and on for every
+			 * command costs two epoll_ctl calls) until a pipelining
+			 * client has CL_INPUT_HOLD bytes waiting. */
 			c->cl_read_blocked = true;
-			bufferevent_disable(bev, EV_READ);
+			if (evbuffer_get_length(in) >= CL_INPUT_HOLD)
+				bufferevent_disable(bev, EV_READ);
 			return;
 		}
 		before = evbuffer_get_length(in);
@@ -2671,6 +2769,8 @@ void
 client_init(const struct client_env *env)
 {
 	cl_env = env;
+	if (cl_stage == NULL && (cl_stage = evbuffer_new()) == NULL)
+		log_fatal("client_init", "reason=out-of-memory");
 }
 
 void
@@ -2754,6 +2854,23 @@ client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
 }
 
 void
+client_trim(uint64_t quiet_ms)
+{
+	struct client *c;
+	uint64_t now = util_now_ms();
+
+	TAILQ_FOREACH(c, &cl_all, cl_link) {
+		if (now - c->cl_active_ms < quiet_ms ||
+		    now - c->cl_up_active_ms < quiet_ms)
+			continue;
+		tls_release_buffers(c->cl_ssl);
+		if (c->cl_inflight == 0 && c->cl_cur == CL_CUR_NONE &&
+		    c->cl_recover == CL_REDO_NONE)
+			cl_replay_release(c);
+	}
+}
+
+void
 client_free_all(void)
 {
 	struct client *c;
@@ -2765,6 +2882,9 @@ client_free_all(void)
 		else
 			cl_free(c);
 	}
+	if (cl_stage != NULL)
+		evbuffer_free(cl_stage);
+	cl_stage = NULL;
 }
 
 void

@@ -62,6 +62,11 @@ void client_counts(unsigned counts[CLIENT_KIND_COUNT]);
 void client_close_all(const char *bye);
 /* At exit: close and free every session now, flushed or not. */
 void client_free_all(void);
+
+/* Give back the memory of sessions quiet for quiet_ms: TLS record buffers
+ * (about 34 KiB a connection) and the copy kept for re-running a command.
+ * Called every few seconds, never per command. */
+void client_trim(uint64_t quiet_ms);
 /* Shutting down: close sessions with no command in flight at once (with
  * "* BYE bye"), the others as soon as their command has its reply. */
 void client_drain(const char *bye);

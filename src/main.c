@@ -36,6 +36,12 @@ static struct client_env main_env;
 static struct config *main_cfg;
 static struct event_base *main_base;
 static struct event *main_drain_ev;
+static struct event *main_trim_ev;
+
+/* How often, and after how long a quiet spell, idle sessions give their
+ * TLS buffers back (see client_trim). */
+#define MAIN_TRIM_MS 2000
+static const struct timeval main_trim_tv = { MAIN_TRIM_MS / 1000, 0 };
 static bool main_draining;
 static uint64_t main_drain_deadline_ms;
 
@@ -190,6 +196,16 @@ main_drain_cb(evutil_socket_t fd, short what, void *arg)
 }
 
 static void
+main_trim_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	(void)arg;
+	client_trim(MAIN_TRIM_MS);
+	upstream_trim();
+}
+
+static void
 main_signal_cb(evutil_socket_t sig, short what, void *arg)
 {
 	(void)what;
@@ -256,6 +272,27 @@ main_drop_privileges(const char *user)
 	return 0;
 }
 
+/*
+ * epoll's changelist folds the event changes of one loop pass into one
+ * epoll_ctl per descriptor, or none: a TLS bufferevent adds its write event
+ * when a reply is queued and deletes it once SSL_write() has sent it, in the
+ * same pass, so on the relay path most of those calls disappear.  (Its one
+ * caveat, dup()ed descriptors, does not apply: imapshim never dups.)
+ */
+static struct event_base *
+main_event_base(void)
+{
+	struct event_config *ec = event_config_new();
+	struct event_base *b;
+
+	if (ec == NULL)
+		return NULL;
+	event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+	b = event_base_new_with_config(ec);
+	event_config_free(ec);
+	return b;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -319,7 +356,7 @@ main(int argc, char **argv)
 		    "Exchange certificates are NOT verified\"");
 	signal(SIGPIPE, SIG_IGN);
 
-	main_base = event_base_new();
+	main_base = main_event_base();
 	if (main_base == NULL || reap_init(main_base) != 0)
 		log_fatal("start", "reason=\"cannot create the event loop\"");
 	main_env.base = main_base;
@@ -349,6 +386,10 @@ main(int argc, char **argv)
 			log_fatal("start", "reason=\"cannot install signal handlers\"");
 	}
 	main_drain_ev = evtimer_new(main_base, main_drain_cb, NULL);
+	main_trim_ev = event_new(main_base, -1, EV_PERSIST, main_trim_cb, NULL);
+	if (main_drain_ev == NULL || main_trim_ev == NULL)
+		log_fatal("start", "reason=\"cannot create timers\"");
+	event_add(main_trim_ev, &main_trim_tv);
 	log_info("ready", "version=%s config=%s servers=%zu admins=%zu",
 	    PACKAGE_VERSION, main_cfg->path, main_cfg->n_servers,
 	    main_cfg->n_admins);
@@ -366,11 +407,13 @@ main(int argc, char **argv)
 	for (i = 0; i < nitems(sigs); i++)
 		event_free(sigs[i]);
 	event_free(main_drain_ev);
+	event_free(main_trim_ev);
 	listener_stop();
 	status_stop();
 	evdns_base_free(main_env.dns, 0);
 	tls_ctx_free(main_env.server_ctx);
 	tls_ctx_free(main_env.upstream_ctx);
+	tls_shutdown();
 	event_base_free(main_base);
 	config_free(main_cfg);
 	protolog_close();

@@ -3,6 +3,8 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_struct.h>
+#include <event2/event.h>
 
 bool
 relay_frame_next(struct imap_framer *fr, struct evbuffer *in,
@@ -46,4 +48,22 @@ bool
 relay_output_full(struct bufferevent *dst)
 {
 	return evbuffer_get_length(bufferevent_get_output(dst)) >= RELAY_HIWAT;
+}
+
+/*
+ * A socket bufferevent (OpenSSL's included) writes only once epoll reports
+ * EPOLLOUT: one epoll_ctl to ask, a wakeup, the write, one epoll_ctl to
+ * stop asking, for every reply.  The socket is almost always writable, so
+ * run the write event now: with epoll's changelist (main.c) the add and
+ * the delete then cancel out within this pass.  A full socket makes
+ * SSL_write() or writev() say EAGAIN and the write waits for EPOLLOUT as
+ * before.  A filter bufferevent writes through its underlying one already.
+ */
+void
+relay_write_now(struct bufferevent *bev)
+{
+	if (bufferevent_get_underlying(bev) == NULL &&
+	    (bufferevent_get_enabled(bev) & EV_WRITE) &&
+	    evbuffer_get_length(bufferevent_get_output(bev)) > 0)
+		event_active(&bev->ev_write, EV_WRITE, 1);
 }

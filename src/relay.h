@@ -37,4 +37,11 @@ bool relay_frame_next(struct imap_framer *fr, struct evbuffer *in,
 /* True when dst's output is at or above the high-water mark. */
 bool relay_output_full(struct bufferevent *dst);
 
+/*
+ * Write what is queued on bev in this pass of the event loop instead of
+ * waiting for epoll to report the socket writable.  Call after queueing a
+ * reply or a command.
+ */
+void relay_write_now(struct bufferevent *bev);
+
 #endif

@@ -95,6 +95,12 @@ stats_client_refused(void)
 	st.clients_refused++;
 }
 
+void
+stats_upstream_tls(int resumed)
+{
+	st.tls_handshakes[resumed != 0]++;
+}
+
 const struct stats_snapshot *
 stats_get(void)
 {

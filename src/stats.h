@@ -74,6 +74,7 @@ void stats_queue_wait(uint64_t us);	/* a waiter was served after us */
 void stats_queue_timeout(void);
 void stats_command(enum stats_command c, uint64_t us);
 void stats_client_refused(void);	/* closed at accept */
+void stats_upstream_tls(int resumed);	/* an upstream TLS handshake completed */
 
 /* Read-only view for status.c. */
 struct stats_snapshot {
@@ -82,6 +83,7 @@ struct stats_snapshot {
 	uint64_t pool_reuse;
 	uint64_t queue_timeouts;
 	uint64_t clients_refused;
+	uint64_t tls_handshakes[2];	/* [0] full, [1] resumed */
 	struct stats_hist queue_wait;
 	struct stats_hist command[STATS_CMD_COUNT];
 };

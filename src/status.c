@@ -20,6 +20,7 @@
  *                 "last_failure": string or null}],
  *    "counters": {"logins": {"ok", "refused", "error"}, "reuse",
  *                 "queue_timeouts", "clients_refused",
+ *                 "tls_handshakes": {"full", "resumed"},
  *                 "login_retries": {reason: n, ...}}}
  * "admins" lists the configured accounts in file order, then any account
  * removed by a reload that still has sessions ("configured": false).
@@ -537,6 +538,13 @@ metrics_counters(struct evbuffer *out, const struct stats_snapshot *s)
 	for (i = 0; i < STATS_LOGIN_COUNT; i++)
 		prom_u64(out, "imapshim_upstream_logins_total", "result",
 		    stats_login_result_names[i], s->logins[i]);
+	prom_family(out, "imapshim_upstream_tls_handshakes_total", "counter",
+	    "Completed upstream TLS handshakes, full or resumed from a cached "
+	    "session.");
+	prom_u64(out, "imapshim_upstream_tls_handshakes_total", "resumed", "no",
+	    s->tls_handshakes[0]);
+	prom_u64(out, "imapshim_upstream_tls_handshakes_total", "resumed", "yes",
+	    s->tls_handshakes[1]);
 	prom_family(out, "imapshim_login_retries_total", "counter",
 	    "Upstream login retries by the failure that caused them.");
 	for (i = 0; i < STATS_RETRY_COUNT; i++)
@@ -695,10 +703,13 @@ json_counters(struct evbuffer *out, const struct stats_snapshot *s)
 		evbuffer_add_printf(out, ":%llu", (unsigned long long)s->logins[i]);
 	}
 	evbuffer_add_printf(out, "},\"reuse\":%llu,\"queue_timeouts\":%llu,"
-	    "\"clients_refused\":%llu,\"login_retries\":{",
+	    "\"clients_refused\":%llu,\"tls_handshakes\":{\"full\":%llu,"
+	    "\"resumed\":%llu},\"login_retries\":{",
 	    (unsigned long long)s->pool_reuse,
 	    (unsigned long long)s->queue_timeouts,
-	    (unsigned long long)s->clients_refused);
+	    (unsigned long long)s->clients_refused,
+	    (unsigned long long)s->tls_handshakes[0],
+	    (unsigned long long)s->tls_handshakes[1]);
 	for (i = 0; i < STATS_RETRY_COUNT; i++) {
 		evbuffer_add_printf(out, "%s", i > 0 ? "," : "");
 		json_str(out, stats_retry_reason_names[i]);

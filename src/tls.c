@@ -24,6 +24,79 @@ struct tls_peek {
 	size_t len;
 };
 
+/*
+ * Upstream session resumption: the newest session each server gave us,
+ * keyed by "host:port", so that a new connection to a CAS skips the full
+ * handshake (and its certificate verification and key exchange).  A
+ * handful of servers: a small table searched linearly.
+ */
+#define TLS_RESUME_MAX 64
+
+struct tls_resume {
+	char key[300];
+	SSL_SESSION *sess;
+};
+
+static struct tls_resume tls_resume[TLS_RESUME_MAX];
+static size_t tls_nresume;
+static int tls_resume_idx = -1;	/* ex_data: the SSL's key (a copy) */
+
+static struct tls_resume *
+tls_resume_slot(const char *key)
+{
+	size_t i;
+
+	for (i = 0; i < tls_nresume; i++)
+		if (strcmp(tls_resume[i].key, key) == 0)
+			return &tls_resume[i];
+	if (tls_nresume == TLS_RESUME_MAX || strlen(key) >= sizeof(tls_resume[0].key))
+		return NULL;
+	snprintf(tls_resume[tls_nresume].key, sizeof(tls_resume[0].key), "%s", key);
+	return &tls_resume[tls_nresume++];
+}
+
+/* OpenSSL hands us each new session (TLS 1.3: each ticket, after the
+ * handshake); keep the newest for the server. */
+static int
+tls_new_session_cb(SSL *ssl, SSL_SESSION *sess)
+{
+	const char *key = SSL_get_ex_data(ssl, tls_resume_idx);
+	struct tls_resume *r;
+
+	if (key == NULL || !SSL_SESSION_is_resumable(sess) ||
+	    (r = tls_resume_slot(key)) == NULL)
+		return 0;
+	SSL_SESSION_free(r->sess);
+	r->sess = sess;
+	return 1;	/* we keep the reference */
+}
+
+void
+tls_forget_session(SSL *ssl)
+{
+	const char *key;
+	struct tls_resume *r;
+
+	if (ssl == NULL || tls_resume_idx < 0 ||
+	    (key = SSL_get_ex_data(ssl, tls_resume_idx)) == NULL ||
+	    (r = tls_resume_slot(key)) == NULL)
+		return;
+	SSL_SESSION_free(r->sess);
+	r->sess = NULL;
+}
+
+static void
+tls_resume_flush(void)
+{
+	size_t i;
+
+	for (i = 0; i < tls_nresume; i++) {
+		SSL_SESSION_free(tls_resume[i].sess);
+		tls_resume[i].sess = NULL;
+	}
+	tls_nresume = 0;
+}
+
 static void
 tls_err_string(char *buf, size_t buflen, unsigned long e)
 {
@@ -41,8 +114,11 @@ tls_ctx_common(SSL_CTX *ctx)
 	 * that just drop) and must not be reported as a protocol error. */
 	SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF |
 	    SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+	/* No SSL_MODE_RELEASE_BUFFERS: it frees and allocates the record
+	 * buffers around every record, i.e. on every command.  Buffers are
+	 * released only once a connection is quiet (tls_release_buffers). */
 	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
-	    SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+	    SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
 }
 
 SSL_CTX *
@@ -104,7 +180,7 @@ tls_msg_cb(int write_p, int version, int content_type, const void *buf,
 }
 
 static void
-tls_peek_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+tls_exdata_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
     void *argp)
 {
 	(void)parent;
@@ -127,11 +203,19 @@ tls_client_ctx_new(bool verify, const char *ca_file, char *err, size_t errlen)
 	}
 	if (tls_peek_idx < 0)
 		tls_peek_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL,
-		    tls_peek_free);
+		    tls_exdata_free);
+	if (tls_resume_idx < 0)
+		tls_resume_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL,
+		    tls_exdata_free);
+	/* A new context may trust other CAs: no session of the old one
+	 * may skip its verification. */
+	tls_resume_flush();
 	tls_ctx_common(ctx);
 	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
 	SSL_CTX_set_cipher_list(ctx, TLS_CIPHERS);
-	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT);
+	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT |
+	    SSL_SESS_CACHE_NO_INTERNAL_STORE);
+	SSL_CTX_sess_set_new_cb(ctx, tls_new_session_cb);
 	SSL_CTX_set_msg_callback(ctx, tls_msg_cb);
 	if (verify) {
 		SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
@@ -151,10 +235,13 @@ tls_client_ctx_new(bool verify, const char *ca_file, char *err, size_t errlen)
 }
 
 SSL *
-tls_client_ssl_new(SSL_CTX *ctx, const char *name, bool verify)
+tls_client_ssl_new(SSL_CTX *ctx, const char *name, bool verify,
+    const char *resume_key)
 {
 	SSL *ssl = SSL_new(ctx);
 	struct tls_peek *pk;
+	struct tls_resume *r;
+	char *key;
 
 	if (ssl == NULL)
 		return NULL;
@@ -173,7 +260,30 @@ tls_client_ssl_new(SSL_CTX *ctx, const char *name, bool verify)
 			return NULL;
 		}
 	}
+	if (resume_key != NULL && (r = tls_resume_slot(resume_key)) != NULL) {
+		key = OPENSSL_strdup(resume_key);
+		if (key == NULL || SSL_set_ex_data(ssl, tls_resume_idx, key) != 1)
+			OPENSSL_free(key);
+		else if (r->sess != NULL)
+			SSL_set_session(ssl, r->sess);
+	}
 	return ssl;
+}
+
+bool
+tls_handshake_done(SSL *ssl)
+{
+	/* The first record's header is all tls_msg_cb wanted. */
+	SSL_set_msg_callback(ssl, NULL);
+	return SSL_session_reused(ssl) == 1;
+}
+
+void
+tls_release_buffers(SSL *ssl)
+{
+	/* Refused (harmlessly) while a record is half read or written. */
+	if (ssl != NULL)
+		(void)SSL_free_buffers(ssl);
 }
 
 SSL *
@@ -253,4 +363,10 @@ void
 tls_ctx_free(SSL_CTX *ctx)
 {
 	SSL_CTX_free(ctx);
+}
+
+void
+tls_shutdown(void)
+{
+	tls_resume_flush();
 }

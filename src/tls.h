@@ -26,8 +26,22 @@ SSL_CTX *tls_client_ctx_new(bool verify, const char *ca_file, char *err,
     size_t errlen);
 
 /* A new SSL for one upstream connection to host: SNI (unless host is an IP
- * literal) and, with verify, the host-name check against name. */
-SSL *tls_client_ssl_new(SSL_CTX *ctx, const char *name, bool verify);
+ * literal) and, with verify, the host-name check against name.  With a
+ * resume_key ("host:port"), offers the last session that server gave and
+ * keeps the ones it gives now. */
+SSL *tls_client_ssl_new(SSL_CTX *ctx, const char *name, bool verify,
+    const char *resume_key);
+
+/* The handshake on ssl completed: stop watching its records.  True when
+ * the session was resumed. */
+bool tls_handshake_done(SSL *ssl);
+
+/* Drop the resumable session of ssl's server (after a failure with it). */
+void tls_forget_session(SSL *ssl);
+
+/* Free ssl's record buffers (about 34 KiB) while its connection is quiet;
+ * OpenSSL allocates them again at the next record. */
+void tls_release_buffers(SSL *ssl);
 
 /* A new SSL for one accepted client connection. */
 SSL *tls_server_ssl_new(SSL_CTX *ctx);
@@ -51,5 +65,8 @@ bool tls_failed_verification(SSL *ssl);
 void tls_close_notify(SSL *ssl);
 
 void tls_ctx_free(SSL_CTX *ctx);
+
+/* At exit: drop the cached upstream sessions. */
+void tls_shutdown(void);
 
 #endif

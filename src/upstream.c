@@ -20,6 +20,7 @@
 #include "log.h"
 #include "reap.h"
 #include "relay.h"
+#include "stats.h"
 #include "tls.h"
 #include "util.h"
 
@@ -163,6 +164,7 @@ up_send(struct upstream *u, const char *cmd)
 	snprintf(u->up_tag, sizeof(u->up_tag), "U%u", ++u->up_tagno);
 	evbuffer_add_printf(bufferevent_get_output(u->up_bev), "%s %s\r\n",
 	    u->up_tag, cmd);
+	relay_write_now(u->up_bev);
 }
 
 static void
@@ -288,6 +290,13 @@ struct evbuffer *
 upstream_output(struct upstream *u)
 {
 	return bufferevent_get_output(u->up_bev);
+}
+
+void
+upstream_flush(struct upstream *u)
+{
+	if (!u->up_closing)
+		relay_write_now(u->up_bev);
 }
 
 bool
@@ -428,16 +437,23 @@ up_send_login(struct upstream *u)
 static void
 up_start_tls(struct upstream *u)
 {
-	struct bufferevent *tls_bev;
+	struct bufferevent *plain = u->up_bev, *tls_bev;
+	evutil_socket_t fd = bufferevent_getfd(plain);
 
 	u->up_ssl = tls_client_ssl_new(u->up_ssl_ctx, u->up_tls_name,
-	    u->up_tls_verify);
+	    u->up_tls_verify, u->up_server);
 	if (u->up_ssl == NULL) {
 		up_fail(u, UP_FAIL_TLS, "cannot set up TLS for %s", u->up_tls_name);
 		return;
 	}
-	tls_bev = bufferevent_openssl_filter_new(u->up_base, u->up_bev,
-	    u->up_ssl, BUFFEREVENT_SSL_CONNECTING,
+	/*
+	 * The TLS bufferevent takes the socket over from the plain one that
+	 * connected it (and, with STARTTLS, read the greeting): OpenSSL then
+	 * reads and writes the socket itself, with no filter layer copying
+	 * every record through a second pair of buffers.
+	 */
+	tls_bev = bufferevent_openssl_socket_new(u->up_base, fd, u->up_ssl,
+	    BUFFEREVENT_SSL_CONNECTING,
 	    BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
 	if (tls_bev == NULL) {
 		SSL_free(u->up_ssl);
@@ -445,6 +461,9 @@ up_start_tls(struct upstream *u)
 		up_fail(u, UP_FAIL_TLS, "cannot set up TLS for %s", u->up_tls_name);
 		return;
 	}
+	bufferevent_disable(plain, EV_READ | EV_WRITE);
+	bufferevent_setfd(plain, -1);
+	bufferevent_free(plain);
 	bufferevent_openssl_set_allow_dirty_shutdown(tls_bev, 1);
 	u->up_bev = tls_bev;
 	bufferevent_setcb(tls_bev, up_read_cb, up_write_cb, up_event_cb, u);
@@ -646,6 +665,9 @@ up_read_cb(struct bufferevent *bev, void *arg)
 			up_login_line(u, line, fr.text_len);
 		evbuffer_drain(in, fr.len);
 	}
+	if (u->up_state == UP_S_READY && !u->up_closing && u->up_cbs != NULL &&
+	    u->up_cbs->read_done != NULL)
+		u->up_cbs->read_done(u->up_arg);
 }
 
 static void
@@ -687,6 +709,7 @@ up_event_cb(struct bufferevent *bev, short what, void *arg)
 				up_set_state(u, UP_S_GREETING);
 			}
 		} else if (u->up_state == UP_S_HANDSHAKE) {
+			stats_upstream_tls(tls_handshake_done(u->up_ssl));
 			if (!u->up_starttls_done)
 				up_arm_timer(u, u->up_login_timeout_ms);
 			if (u->up_starttls_done) {
@@ -714,6 +737,7 @@ up_event_cb(struct bufferevent *bev, short what, void *arg)
 	case UP_S_HANDSHAKE: {
 		unsigned long e = bufferevent_get_openssl_error(bev);
 
+		tls_forget_session(u->up_ssl);
 		tls_failure_reason(u->up_ssl, e, reason, sizeof(reason));
 		up_fail(u, tls_failed_verification(u->up_ssl) ? UP_FAIL_CERT :
 		    UP_FAIL_TLS, "%s", reason);
@@ -822,6 +846,16 @@ up_close(struct upstream *u, const char *reason, bool logout)
 	}
 	up_set_state(u, UP_S_CLOSING);
 	reap_add(&u->up_reap, up_free, u);
+}
+
+void
+upstream_trim(void)
+{
+	struct upstream *u;
+
+	TAILQ_FOREACH(u, &up_all, up_link)
+		if (!u->up_closing && u->up_state == UP_S_READY)
+			tls_release_buffers(u->up_ssl);
 }
 
 void

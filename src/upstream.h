@@ -88,6 +88,9 @@ struct upstream_cbs {
 	void (*lost)(void *arg, const char *reason);
 	/* Output fell below RELAY_LOWAT after having been above RELAY_HIWAT. */
 	void (*writable)(void *arg);
+	/* Every frame of one read has gone to frame (optional): the moment
+	 * to send on what they produced, in one piece. */
+	void (*read_done)(void *arg);
 };
 
 struct upstream *upstream_new(struct event_base *base, struct evdns_base *dns,
@@ -103,6 +106,8 @@ void upstream_abort(struct upstream *u, const char *reason);
 
 /* Where the lessee writes command bytes (state READY only). */
 struct evbuffer *upstream_output(struct upstream *u);
+/* What has been queued on upstream_output() goes out now (one command). */
+void upstream_flush(struct upstream *u);
 /* True when the output passed RELAY_HIWAT (the lessee should stop reading
  * its client until the writable callback). */
 bool upstream_output_full(struct upstream *u);
@@ -150,5 +155,10 @@ int upstream_command(struct upstream *u, const char *cmd,
 int upstream_command_lines(struct upstream *u, const char *cmd,
     void (*line)(void *arg, const char *text, size_t len),
     void (*done)(void *arg, bool ok), void *arg);
+
+/* Free the TLS record buffers of every upstream connection not in the
+ * middle of a record (OpenSSL allocates them again at the next one).
+ * Called every few seconds, never per command. */
+void upstream_trim(void);
 
 #endif

@@ -24,12 +24,14 @@ import argparse
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
@@ -39,14 +41,28 @@ import harness  # noqa: E402
 ADMIN = "NPUMAdmin1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# name, bench options, what the scenario shows
+IDLE_SESSIONS = 2000         # the issue's figure; fewer if RLIMIT_NOFILE is low
+IDLE_RAMP_S = 25             # logins spread over this many seconds
+IDLE_BUDGET = 16
+
+# name, bench options, imapshim [pool] settings, what the scenario shows.
+# Every scenario runs in multiplex mode (the default).  idle and poll hold
+# more client sessions than the budget; churn, steady and append get a budget
+# larger than their mailboxes, so pooled sessions are reused, not evicted.
 SCENARIOS = [
-    ("idle", ["--sessions", "32"], "32 sessions LOGIN, SELECT, IDLE and hold"),
-    ("churn", ["--sessions", "16", "--mailboxes", "24"],
+    ("idle", ["--sessions", str(IDLE_SESSIONS), "--ramp", str(IDLE_RAMP_S)],
+     # parked clients poll after the measurement, not during it; logins
+     # paced only as far as Dovecot needs (the ramp sets the pace)
+     {"session_budget": str(IDLE_BUDGET), "idle_poll_interval": "5m",
+      "login_rate": "500", "login_burst": "500"},
+     "%d sessions LOGIN, SELECT, IDLE and hold" % IDLE_SESSIONS),
+    ("churn", ["--sessions", "16", "--mailboxes", "24"], {"session_budget": "32"},
      "connect, LOGIN, SELECT, STATUS|FETCH, LOGOUT; 16 clients over 24 mailboxes"),
-    ("poll", ["--sessions", "32"], "32 mailboxes poll NOOP, UID SEARCH UNSEEN, STATUS"),
-    ("steady", ["--sessions", "16"], "closed loop NOOP, UID FETCH 1:* (FLAGS), STATUS"),
-    ("append", ["--sessions", "8", "--mailbox-base", "1000"],
+    ("poll", ["--sessions", "32"], {"session_budget": "16"},
+     "32 mailboxes poll NOOP, UID SEARCH UNSEEN, STATUS"),
+    ("steady", ["--sessions", "16"], {"session_budget": "32"},
+     "closed loop NOOP, UID FETCH 1:* (FLAGS), STATUS"),
+    ("append", ["--sessions", "8", "--mailbox-base", "3000"], {"session_budget": "32"},
      "60 KB voice messages by sync literal, verified byte-exact, then expunged"),
 ]
 
@@ -58,6 +74,29 @@ def proc_cpu_s(pid):
     with open("/proc/%d/stat" % pid) as f:
         rest = f.read().rsplit(")", 1)[1].split()
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def group_pss_kib(pgid):
+    """Proportional set size (shared pages split between sharers) summed
+    over every process of process group pgid: Dovecot's master and all its
+    login, auth and imap processes."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            if int(rest[2]) != pgid:
+                continue
+            with open("/proc/%s/smaps_rollup" % name) as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 def proc_rss_kib(pid):
@@ -106,16 +145,22 @@ def established_to(ports):
 class PeakSampler(threading.Thread):
     """Peak established connections to each port, sampled every 50 ms."""
 
-    def __init__(self, ports):
+    def __init__(self, ports, pss_pgid=None):
         super().__init__(daemon=True)
         self.ports = ports
         self.peak = dict.fromkeys(ports, 0)
+        self.pss_pgid = pss_pgid        # also track this group's peak PSS
+        self.peak_pss = 0
         self.stop_ev = threading.Event()
 
     def run(self):
+        last_pss = 0.0
         while not self.stop_ev.is_set():
             for p, n in established_to(self.ports).items():
                 self.peak[p] = max(self.peak[p], n)
+            if self.pss_pgid and time.monotonic() - last_pss >= 1.0:
+                last_pss = time.monotonic()
+                self.peak_pss = max(self.peak_pss, group_pss_kib(self.pss_pgid))
             self.stop_ev.wait(0.05)
 
     def stop(self):
@@ -176,6 +221,18 @@ def machine():
 
 # ------------------------------------------------------------- runs
 
+def shim_tls_handshakes(shim):
+    """(full, resumed) upstream TLS handshakes from imapshim's /metrics."""
+    url = "http://%s/metrics" % shim.config["shim"]["status_listen"]
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    got = {}
+    for m in re.finditer(r'^imapshim_upstream_tls_handshakes_total\{resumed="(yes|no)"\} (\d+)',
+                         text, re.M):
+        got[m.group(1)] = int(m.group(2))
+    return got.get("no", 0), got.get("yes", 0)
+
+
 def run_bench(args, env, scen, opts, target, dv, shim, dvlog):
     """One imapshim-bench run; returns its JSON plus the samples."""
     if target == "direct":
@@ -185,23 +242,26 @@ def run_bench(args, env, scen, opts, target, dv, shim, dvlog):
     cmd = [args.bench, "--host", harness.HOST, "--port", str(port), "--tls",
            "--cafile", env["ca"], "--password-file", env["pwfile"],
            "--user-format", user_fmt, "--scenario", scen,
-           "--duration", str(args.duration), "--label", target] + opts
+           "--duration", str(duration_for(args, scen)), "--label", target] + opts
     if scen == "poll":
         cmd += ["--poll-interval", str(args.poll_interval)]
     if target == "shim" and scen == "idle":
         cmd += ["--pid", str(shim.proc.pid)]
-    sampler = PeakSampler([dv.port_imaps, shim.port])
+    sampler = PeakSampler([dv.port_imaps, shim.port],
+                          pss_pgid=dv.proc.pid if scen == "idle" else None)
     dvlog.mark()
     cpu0 = proc_cpu_s(shim.proc.pid)
     rss0 = proc_rss_kib(shim.proc.pid)
+    tls0 = shim_tls_handshakes(shim)
     sampler.start()
     try:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           timeout=args.duration + 40)
+                           timeout=duration_for(args, scen) + 60)
     finally:
         peak = sampler.stop()
     cpu1 = proc_cpu_s(shim.proc.pid)
     rss1 = proc_rss_kib(shim.proc.pid)
+    tls1 = shim_tls_handshakes(shim)
     time.sleep(0.3)                         # Dovecot's log is written async
     lines = p.stdout.decode(errors="replace").strip().splitlines()
     try:
@@ -217,7 +277,14 @@ def run_bench(args, env, scen, opts, target, dv, shim, dvlog):
     res["dovecot_logins"] = dvlog.count()
     res["peak_to_dovecot"] = peak[dv.port_imaps]
     res["peak_to_shim"] = peak[shim.port]
+    res["dovecot_pss_kib"] = sampler.peak_pss or None
+    res["tls_full"], res["tls_resumed"] = tls1[0] - tls0[0], tls1[1] - tls0[1]
     return res
+
+
+def duration_for(args, scen):
+    """idle must outlast its ramp to measure every session idling."""
+    return max(args.duration, IDLE_RAMP_S + 15) if scen == "idle" else args.duration
 
 
 def mean(xs):
@@ -242,6 +309,13 @@ def summarize(scen, runs):
     ops = sum(r["ops"] for r in s)
     # CPU over the whole run (teardown LOGOUTs included) per measured command
     row["cpu_us"] = 1e6 * sum(r["shim_cpu_s"] for r in s) / ops if ops else None
+    row["cpu_s_1k"] = row["cpu_us"] / 1000.0 if row["cpu_us"] is not None else None
+    full = sum(r["tls_full"] for r in s)
+    resumed = sum(r["tls_resumed"] for r in s)
+    row["tls_resumed_pct"] = 100.0 * resumed / (full + resumed) if full + resumed else None
+    row["tls"] = (full, resumed)
+    row["dv_pss"] = (mean([r.get("dovecot_pss_kib") for r in d]),
+                     mean([r.get("dovecot_pss_kib") for r in s]))
     rss = [r["rss_per_session_kib"] for r in s if r.get("rss_per_session_kib") is not None]
     row["rss"] = rss[0] if rss else None            # first run: a cold pool
     clog = sum(r["logins"] for r in s)
@@ -264,14 +338,17 @@ def fmt(v, spec, none="-"):
 
 def print_table(rows, out):
     hdr = ("scenario", "direct ops/s", "shim ops/s", "ratio", "p50 +ms", "p99 +ms",
-           "shim CPU us/cmd", "shim KiB/session", "up logins/1k", "up sess/1k", "errors")
+           "CPU s/1k cmd", "KiB/session", "up logins/1k", "up sess/1k", "TLS resumed",
+           "errors")
     cells = []
     for r in rows:
         cells.append((r["scenario"], fmt(r["d_ops"], ".1f"), fmt(r["s_ops"], ".1f"),
                       fmt(r["ratio"], ".2f"), fmt(r["p50_add"], "+.3f"),
-                      fmt(r["p99_add"], "+.3f"), fmt(r["cpu_us"], ".0f"),
+                      fmt(r["p99_add"], "+.3f"), fmt(r["cpu_s_1k"], ".4f"),
                       fmt(r["rss"], ".1f"), fmt(r["up_logins_k"], ".0f"),
                       fmt(r["up_sess_k"], ".0f"),
+                      fmt(r["tls_resumed_pct"], ".0f", "-") +
+                      ("%" if r["tls_resumed_pct"] is not None else ""),
                       str(r["errors"]) + (" FAIL" if r["failed"] else "")))
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(hdr)]
     line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(hdr, widths)))
@@ -297,7 +374,18 @@ def print_details(scen, runs, out):
             c, fmt(mean([lat(r, "p50", c) for r in dd]), ".2f"),
             fmt(mean([lat(r, "p50", c) for r in ss]), ".2f")))
     ss = [r for r in runs if r["label"] == "shim"]
+    dd = [r for r in runs if r["label"] == "direct"]
     print("  %-7s p50 ms direct/shim: %s" % (scen, ", ".join(parts)), file=out)
+    dpss, spss = mean([r.get("dovecot_pss_kib") for r in dd]), mean(
+        [r.get("dovecot_pss_kib") for r in ss])
+    if dpss and spss:
+        n = max(r["peak_to_shim"] for r in ss)
+        print("  %-7s Dovecot's own memory (PSS, all its processes) with %d idling clients: "
+              "%.0f MiB direct, %.0f MiB through imapshim (%d upstream sessions); "
+              "imapshim VmRSS %.1f KiB per client"
+              % ("", n, dpss / 1024.0, spss / 1024.0,
+                 max(r["peak_to_dovecot"] for r in ss),
+                 mean([r.get("rss_per_session_kib") for r in ss]) or 0), file=out)
     print("  %-7s through imapshim, per run: upstream peak %s for client peak %s; "
           "Dovecot logins %s for client logins %s"
           % ("", "/".join(str(r["peak_to_dovecot"]) for r in ss),
@@ -307,6 +395,22 @@ def print_details(scen, runs, out):
 
 
 # ------------------------------------------------------------- main
+
+def raise_fd_limit():
+    """Lift the soft RLIMIT_NOFILE to the hard one (inherited by Dovecot,
+    imapshim and the load generator); returns how many idle sessions fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    # each idle session is a descriptor in the load generator, in imapshim
+    # and (direct runs) in Dovecot's login process
+    return max(32, min(IDLE_SESSIONS, (soft - 200) // 2))
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -330,6 +434,15 @@ def main():
         print("run-bench: dovecot is not installed; skipping (apt-get install dovecot-imapd)")
         return 77
 
+    idle_sessions = raise_fd_limit()
+    if idle_sessions != IDLE_SESSIONS:
+        for i, sc in enumerate(SCENARIOS):
+            if sc[0] == "idle":
+                SCENARIOS[i] = (sc[0], ["--sessions", str(idle_sessions), "--ramp",
+                                        str(IDLE_RAMP_S)], sc[2],
+                                "%d sessions LOGIN, SELECT, IDLE and hold" % idle_sessions)
+        print("run-bench: RLIMIT_NOFILE allows %d idle sessions, not %d"
+              % (idle_sessions, IDLE_SESSIONS), file=sys.stderr)
     t_start = time.monotonic()
     tmp = harness.make_tempdir("imapshim-bench-")
     admins = {"NPUMAdmin1": "Adm1n-" + secrets.token_hex(12),
@@ -339,12 +452,15 @@ def main():
     out = sys.stdout
     try:
         pki = harness.Pki(os.path.join(tmp, "pki"))
-        dv = harness.Dovecot(os.path.join(tmp, "dovecot"), pki, admins).start()
+        dv = harness.Dovecot(os.path.join(tmp, "dovecot"), pki, admins,
+                             max_sessions=idle_sessions + 100).start()
         shim = harness.ImapShim(
             args.shim, os.path.join(tmp, "shim"), pki, dv.port_imaps, admins,
-            config={"shim": {"log_level": "warn", "max_unauth_per_ip": "1024"},
+            config={"shim": {"log_level": "warn", "max_unauth_per_ip": "8192",
+                             "max_clients": str(idle_sessions + 1000),
+                             "status_listen": "%s:%d" % (harness.HOST, harness.free_port())},
                     "upstream": {"login_format": "{mailbox}*{admin}"},
-                    "pool": {"mode": "session", "session_budget": "32"}},
+                    "pool": {"mode": "multiplex"}},
             starttls=False, name="imapshim-bench")
         env = {"ca": pki.ca.cert,
                "pwfile": harness.write_file(os.path.join(tmp, "bench.pw"),
@@ -354,19 +470,22 @@ def main():
 
         print("imapshim bench: %s; %s" % (machine(), time.strftime("%Y-%m-%d %H:%M:%S")),
               file=out)
-        print("  %g s per run, direct/shim alternated twice per scenario, a fresh imapshim "
-              "per scenario;\n  TLS on every hop; imapshim %s: session mode, budget 32, "
-              "2 admins x 16, login_rate 20/s per admin"
-              % (args.duration, args.shim), file=out)
+        print("  %g s per run, direct/shim alternated twice per scenario (idle: %g s, once "
+              "each), a fresh imapshim per scenario;\n  TLS on every hop; imapshim %s: multiplex mode, "
+              "budget 16 (idle, poll) or 32, 2 admins, default limits and timeouts"
+              % (args.duration, duration_for(args, "idle"), args.shim), file=out)
         out.flush()
-        for scen, opts, what in SCENARIOS:
+        for scen, opts, pool_cfg, what in SCENARIOS:
             if scen not in wanted:
                 continue
             # a fresh imapshim per scenario: an empty pool, results that do
             # not depend on the order of the scenarios
+            shim.config["pool"].update(pool_cfg)
             shim.start()
             runs = []
-            for target in ("direct", "shim", "direct", "shim"):
+            # idle measures memory, not a rate: one run each is enough
+            for target in ("direct", "shim") if scen == "idle" else (
+                    "direct", "shim", "direct", "shim"):
                 if not shim.alive():
                     raise harness.HarnessError("imapshim died:\n" + shim.log_text()[-3000:])
                 r = run_bench(args, env, scen, opts, target, dv, shim, dvlog)
@@ -386,14 +505,16 @@ def main():
         print("", file=out)
         print_table(rows, out)
         print("", file=out)
-        for scen, _, what in SCENARIOS:
+        for scen, _, _, what in SCENARIOS:
             rs = [r for r in allruns if r["scenario"] == scen]
             if rs:
                 print_details(scen, rs, out)
         print("", file=out)
         print("  ratio = shim ops/s / direct ops/s; p50/p99 +ms = latency added over all "
-              "commands (mean of runs);\n  CPU = imapshim utime+stime per command;"
-              " KiB/session = imapshim VmRSS growth per idling client (first idle run);\n"
+              "commands (mean of runs);\n  CPU = imapshim utime+stime in seconds per 1000 "
+              "commands (x1000 = microseconds per command);\n  KiB/session = imapshim VmRSS "
+              "growth per idling client (first idle run);\n  TLS resumed = upstream TLS "
+              "handshakes resumed from imapshim's session cache;\n"
               "  up logins/1k = Dovecot logins per 1000 client logins; up sess/1k = peak "
               "upstream per 1000 peak client connections;\n  idle and poll offer a fixed load "
               "(ratio 1.00 = kept up); churn, steady and append are closed loops.", file=out)

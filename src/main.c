@@ -42,6 +42,8 @@ static struct event *main_trim_ev;
  * TLS buffers back (see client_trim). */
 #define MAIN_TRIM_MS 2000
 static const struct timeval main_trim_tv = { MAIN_TRIM_MS / 1000, 0 };
+/* Free heap above which it goes back to the system. */
+#define MAIN_TRIM_HEAP_FREE (8u << 20)
 static bool main_draining;
 static uint64_t main_drain_deadline_ms;
 
@@ -203,6 +205,7 @@ main_trim_cb(evutil_socket_t fd, short what, void *arg)
 	(void)arg;
 	client_trim(MAIN_TRIM_MS);
 	upstream_trim();
+	util_heap_trim(MAIN_TRIM_HEAP_FREE);
 }
 
 static void
@@ -306,6 +309,7 @@ main(int argc, char **argv)
 	int ch;
 	size_t i;
 
+	util_count_allocations();	/* before libevent or OpenSSL allocate */
 	while ((ch = getopt(argc, argv, "c:tVh")) != -1) {
 		switch (ch) {
 		case 'c':

@@ -51,7 +51,14 @@
 #define POOL_RETIRE_FAILED 6
 #define POOL_RETIRE_BAD 2
 
-#define POOL_MB_BUCKETS 1024	/* idle sessions by mailbox */
+#define POOL_MB_BUCKETS 1024	/* idle, and busy, sessions by mailbox */
+/*
+ * How long a waiter waits for a busy session of its own mailbox (logging
+ * in, or leased to another client) before a second one is logged in: a
+ * voice-mail check holds its session for tens of milliseconds, a login
+ * costs more, and a second copy would only be evicted again later.
+ */
+#define POOL_BUSY_WAIT_MS 500
 #define POOL_UP_BUCKETS 4096	/* upstream pointer -> entry */
 
 enum pe_state {
@@ -105,7 +112,7 @@ struct pool_entry {
 	bool pe_reused;			/* HANDOFF of a pooled session */
 	uint64_t pe_claimed;		/* serve pass that counted on it */
 	TAILQ_ENTRY(pool_entry) pe_link;	/* P.lists[pe_state] */
-	TAILQ_ENTRY(pool_entry) pe_mblink;	/* P.idle_mb[], IDLE only */
+	TAILQ_ENTRY(pool_entry) pe_mblink;	/* P.idle_mb[] or P.busy_mb[] */
 	LIST_ENTRY(pool_entry) pe_uplink;	/* P.by_up[] */
 };
 
@@ -128,6 +135,8 @@ static struct {
 	unsigned counts[PE_COUNT];
 	unsigned total;			/* the budget counter */
 	struct pool_entry_list idle_mb[POOL_MB_BUCKETS];
+	struct pool_entry_list busy_mb[POOL_MB_BUCKETS];	/* neither
+					 * idle nor closing */
 	struct pool_entry_hlist by_up[POOL_UP_BUCKETS];
 
 	struct pool_waiter_list queue;
@@ -312,6 +321,15 @@ admin_retire(struct pool_admin *a)
 
 /* ------------------------------------------------------------ entries */
 
+/* The by-mailbox list e is on (unless closing). */
+static struct pool_entry_list *
+entry_mb_list(const struct pool_entry *e)
+{
+	return e->pe_state == PE_IDLE ?
+	    &P.idle_mb[e->pe_mbhash % POOL_MB_BUCKETS] :
+	    &P.busy_mb[e->pe_mbhash % POOL_MB_BUCKETS];
+}
+
 static void
 entry_set_state(struct pool_entry *e, enum pe_state to)
 {
@@ -323,15 +341,12 @@ entry_set_state(struct pool_entry *e, enum pe_state to)
 		return;
 	TAILQ_REMOVE(&P.lists[from], e, pe_link);
 	P.counts[from]--;
-	if (from == PE_IDLE)
-		TAILQ_REMOVE(&P.idle_mb[e->pe_mbhash % POOL_MB_BUCKETS], e,
-		    pe_mblink);
+	TAILQ_REMOVE(entry_mb_list(e), e, pe_mblink);
 	e->pe_state = to;
 	TAILQ_INSERT_TAIL(&P.lists[to], e, pe_link);
 	P.counts[to]++;
-	if (to == PE_IDLE)
-		TAILQ_INSERT_TAIL(&P.idle_mb[e->pe_mbhash % POOL_MB_BUCKETS],
-		    e, pe_mblink);
+	if (to != PE_CLOSING)
+		TAILQ_INSERT_TAIL(entry_mb_list(e), e, pe_mblink);
 	if (to == PE_CLOSING)
 		e->pe_admin->pa_closing++;
 	log_debug("pool_entry_state", "entry=%llu from=%s to=%s",
@@ -437,6 +452,29 @@ entry_fits(const struct pool_entry *e, const struct pool_waiter *w)
 {
 	return util_ieq(e->pe_mailbox, w->pw_mailbox) &&
 	    util_ieq(e->pe_domain, w->pw_domain);
+}
+
+/*
+ * A session of w's mailbox is busy (logging in, checked, reset or leased)
+ * for someone else, and w has waited less than POOL_BUSY_WAIT_MS: w waits
+ * for it instead of a login of its own.  *next: when to look again.
+ */
+static bool
+busy_wait(const struct pool_waiter *w, uint64_t now, uint64_t *next)
+{
+	unsigned h = mb_hash(w->pw_mailbox);
+	uint64_t until = w->pw_since_ms + POOL_BUSY_WAIT_MS;
+	struct pool_entry *e;
+
+	if (now >= until)
+		return false;
+	TAILQ_FOREACH(e, &P.busy_mb[h % POOL_MB_BUCKETS], pe_mblink)
+		if (e->pe_mbhash == h && e->pe_waiter != w && entry_fits(e, w)) {
+			if (until < *next)
+				*next = until;
+			return true;
+		}
+	return false;
 }
 
 /* The most recently used idle session for w's mailbox, or NULL. */
@@ -940,6 +978,7 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	e->pe_last_used_ms = now;
 	e->pe_state = PE_LOGIN;
 	TAILQ_INSERT_TAIL(&P.lists[PE_LOGIN], e, pe_link);
+	TAILQ_INSERT_TAIL(entry_mb_list(e), e, pe_mblink);
 	P.counts[PE_LOGIN]++;
 	/* The slot is taken from here until on_free. */
 	best->pa_sessions++;
@@ -953,6 +992,7 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	    &pool_up_cbs, e, entry_free_cb, e);
 	if (u == NULL) {
 		TAILQ_REMOVE(&P.lists[PE_LOGIN], e, pe_link);
+		TAILQ_REMOVE(entry_mb_list(e), e, pe_mblink);
 		P.counts[PE_LOGIN]--;
 		best->pa_sessions--;
 		P.total--;
@@ -1050,6 +1090,9 @@ serve_queue(uint64_t now, uint64_t *next)
 		/* A session of its mailbox is being reset after its last
 		 * client: wait for it rather than log in again. */
 		if (claim_resetting(w))
+			continue;
+		/* Or one is busy with another client (for a moment). */
+		if (busy_wait(w, now, next))
 			continue;
 		if (retry_all_servers_down(now)) {
 			fail_all_down(w);
@@ -1272,8 +1315,10 @@ pool_init(const struct config *cfg, const struct pool_ops *ops)
 	TAILQ_INIT(&P.retired);
 	for (i = 0; i < PE_COUNT; i++)
 		TAILQ_INIT(&P.lists[i]);
-	for (i = 0; i < POOL_MB_BUCKETS; i++)
+	for (i = 0; i < POOL_MB_BUCKETS; i++) {
 		TAILQ_INIT(&P.idle_mb[i]);
+		TAILQ_INIT(&P.busy_mb[i]);
+	}
 	for (i = 0; i < POOL_UP_BUCKETS; i++)
 		LIST_INIT(&P.by_up[i]);
 	TAILQ_INIT(&P.queue);

@@ -449,6 +449,16 @@ metrics_clients(struct evbuffer *out, const struct stats_snapshot *s)
 	    "Client connections closed at accept (allow_from, max_clients).");
 	prom_u64(out, "imapshim_clients_refused_total", NULL, NULL,
 	    s->clients_refused);
+	prom_family(out, "imapshim_heap_in_use_bytes", "gauge",
+	    "Heap memory in use (sessions, TLS state, buffers).");
+	prom_u64(out, "imapshim_heap_in_use_bytes", NULL, NULL,
+	    util_heap_in_use());
+	prom_family(out, "imapshim_heap_allocations_total", "counter",
+	    "Heap allocation calls by imapshim's own code, libevent and "
+	    "OpenSSL.");
+	for (i = 0; i < UTIL_ALLOC_COUNT; i++)
+		prom_u64(out, "imapshim_heap_allocations_total", "by",
+		    util_alloc_by_names[i], util_allocations(i));
 }
 
 static void

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/queue.h>
+#include <sys/socket.h>
 
 #include "auth.h"
 #include "imapshim.h"
@@ -141,7 +142,14 @@ up_free(void *obj)
 	TAILQ_REMOVE(&up_all, u, up_link);
 	up_count--;
 	if (u->up_bev != NULL) {
+		evutil_socket_t fd = bufferevent_getfd(u->up_bev);
+
 		tls_close_notify(u->up_ssl);
+		/* libevent closes the socket in a later callback; the budget
+		 * slot is given back below, so end the connection now: the
+		 * server never sees budget + 1 connections. */
+		if (fd >= 0)
+			(void)shutdown(fd, SHUT_RDWR);
 		bufferevent_free(u->up_bev);
 	}
 	if (u->up_on_free != NULL)

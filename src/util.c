@@ -1,12 +1,98 @@
 /* util.c - allocation helpers, clock, secret comparison. */
 #include "util.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+#include <event2/event.h>
 #include <openssl/crypto.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+
+const char *const util_alloc_by_names[UTIL_ALLOC_COUNT] = {
+	"imapshim", "libevent", "openssl",
+};
+
+static uint64_t util_nalloc[UTIL_ALLOC_COUNT];
+
+uint64_t
+util_allocations(enum util_alloc_by by)
+{
+	return util_nalloc[by];
+}
+
+static void *
+util_ev_malloc(size_t n)
+{
+	util_nalloc[UTIL_ALLOC_LIBEVENT]++;
+	return malloc(n);
+}
+
+static void *
+util_ev_realloc(void *p, size_t n)
+{
+	util_nalloc[UTIL_ALLOC_LIBEVENT]++;
+	return realloc(p, n);
+}
+
+static void *
+util_ssl_malloc(size_t n, const char *file, int line)
+{
+	(void)file;
+	(void)line;
+	util_nalloc[UTIL_ALLOC_OPENSSL]++;
+	return malloc(n);
+}
+
+static void *
+util_ssl_realloc(void *p, size_t n, const char *file, int line)
+{
+	(void)file;
+	(void)line;
+	util_nalloc[UTIL_ALLOC_OPENSSL]++;
+	return realloc(p, n);
+}
+
+static void
+util_ssl_free(void *p, const char *file, int line)
+{
+	(void)file;
+	(void)line;
+	free(p);
+}
+
+void
+util_count_allocations(void)
+{
+	event_set_mem_functions(util_ev_malloc, util_ev_realloc, free);
+	/* Refused (0) once OpenSSL has allocated: then it goes uncounted. */
+	(void)CRYPTO_set_mem_functions(util_ssl_malloc, util_ssl_realloc,
+	    util_ssl_free);
+}
+
+size_t
+util_heap_in_use(void)
+{
+#ifdef __GLIBC__
+	return mallinfo2().uordblks;
+#else
+	return 0;
+#endif
+}
+
+void
+util_heap_trim(size_t min_free)
+{
+#ifdef __GLIBC__
+	if (mallinfo2().fordblks > min_free)
+		(void)malloc_trim(0);
+#else
+	(void)min_free;
+#endif
+}
 
 static void
 util_oom(void)
@@ -18,7 +104,10 @@ util_oom(void)
 void *
 xmalloc(size_t n)
 {
-	void *p = malloc(n ? n : 1);
+	void *p;
+
+	util_nalloc[UTIL_ALLOC_IMAPSHIM]++;
+	p = malloc(n ? n : 1);
 
 	if (p == NULL)
 		util_oom();
@@ -28,7 +117,10 @@ xmalloc(size_t n)
 void *
 xcalloc(size_t nmemb, size_t n)
 {
-	void *p = calloc(nmemb ? nmemb : 1, n ? n : 1);
+	void *p;
+
+	util_nalloc[UTIL_ALLOC_IMAPSHIM]++;
+	p = calloc(nmemb ? nmemb : 1, n ? n : 1);
 
 	if (p == NULL)
 		util_oom();
@@ -38,6 +130,7 @@ xcalloc(size_t nmemb, size_t n)
 void *
 xrealloc(void *p, size_t n)
 {
+	util_nalloc[UTIL_ALLOC_IMAPSHIM]++;
 	p = realloc(p, n ? n : 1);
 	if (p == NULL)
 		util_oom();

@@ -17,6 +17,31 @@ void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
 char *xstrndup(const char *s, size_t n);
 
+/*
+ * Heap allocation calls (malloc, calloc, realloc) by who made them: the
+ * x* allocators above, libevent and OpenSSL (their allocators are routed
+ * through counting wrappers by util_count_allocations(), which must run
+ * before either library allocates anything).  Shown in /metrics, so that
+ * "nothing is allocated per relayed command" can be checked on a live
+ * daemon.
+ */
+enum util_alloc_by {
+	UTIL_ALLOC_IMAPSHIM,
+	UTIL_ALLOC_LIBEVENT,
+	UTIL_ALLOC_OPENSSL,
+	UTIL_ALLOC_COUNT
+};
+extern const char *const util_alloc_by_names[UTIL_ALLOC_COUNT];
+void util_count_allocations(void);
+uint64_t util_allocations(enum util_alloc_by by);
+
+/* Bytes of heap in use (glibc's mallinfo2; 0 elsewhere). */
+size_t util_heap_in_use(void);
+
+/* Return free heap pages to the system once more than min_free bytes lie
+ * free: after a burst of TLS handshakes, so that RSS follows live memory. */
+void util_heap_trim(size_t min_free);
+
 /* Milliseconds and microseconds of CLOCK_MONOTONIC. */
 uint64_t util_now_ms(void);
 uint64_t util_now_us(void);

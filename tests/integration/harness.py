@@ -572,6 +572,8 @@ ssl_key = <{key}
 ssl_min_protocol = TLSv1.2
 verbose_proctitle = no
 version_ignore = yes
+default_process_limit = {process_limit}
+default_client_limit = {client_limit}
 
 namespace inbox {{
   inbox = yes
@@ -604,7 +606,14 @@ service imap-login {{
     ssl = yes
   }}
   process_min_avail = 1
+  # high-performance mode: one login process serves every connection, so
+  # its TLS session tickets resume (as a CAS's do)
+  service_count = 0
+  client_limit = {client_limit}
 {login_user_line}}}
+service imap {{
+  process_limit = {process_limit}
+}}
 service anvil {{
   chroot =
 }}
@@ -630,10 +639,11 @@ class Dovecot:
     users: "user1*NPUMAdmin1" with NPUMAdmin1's password logs in as user1.
     """
 
-    def __init__(self, directory, pki, admins):
+    def __init__(self, directory, pki, admins, max_sessions=100):
         self.dir = directory
         self.pki = pki
         self.admins = dict(admins)
+        self.max_sessions = max_sessions    # imap processes (one a session)
         self.proc = None
         self.binary = which("dovecot")
         if not self.binary:
@@ -683,7 +693,9 @@ class Dovecot:
             login_user_line=login_user_line,
             cert=self.pki.server.cert, key=self.pki.server.key,
             master_passwd=self.master_passwd, nobody_pw=secrets.token_hex(24),
-            port_imap=self.port_imap, port_imaps=self.port_imaps)
+            port_imap=self.port_imap, port_imaps=self.port_imaps,
+            process_limit=self.max_sessions + 10,
+            client_limit=max(1000, self.max_sessions + 100))
         write_file(self.conf_path, conf, 0o644)
         os.makedirs(os.path.join(d, "state"), exist_ok=True)
         self.errlog = open(os.path.join(d, "dovecot.stderr"), "wb")

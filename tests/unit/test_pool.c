@@ -780,6 +780,48 @@ test_evict_lru(void **state)
 	check_budget();
 }
 
+/* A second client of a mailbox whose session is busy waits for it (up to
+ * POOL_BUSY_WAIT_MS) instead of logging in a copy; after that it logs in. */
+static void
+test_busy_mailbox_waits(void **state)
+{
+	static struct tclient a, b, c, d;
+
+	(void)state;
+	acq(&a, "a");
+	run();
+	acq(&b, "a");			/* a's session is still logging in */
+	run();
+	assert_int_equal(nf, 1);
+	fready(0);
+	assert_int_equal(a.granted, 1);
+	advance(100);
+	run();
+	assert_int_equal(nf, 1);	/* leased to a: b still waits */
+	rel(&a, POOL_RELEASE_CLEAN);
+	run();
+	fcmd(0, true);			/* the NOOP check */
+	assert_int_equal(b.granted, 1);
+	assert_ptr_equal(b.u, U(0));
+	assert_int_equal(nf, 1);
+	/* Held for longer: after 500 ms c logs in a second copy. */
+	acq(&c, "a");
+	run();
+	advance(499);
+	run();
+	assert_int_equal(nf, 1);
+	advance(1);
+	run();
+	assert_int_equal(nf, 2);
+	fready(1);
+	assert_int_equal(c.granted, 1);
+	/* Another mailbox never waits. */
+	acq(&d, "d");
+	run();
+	assert_int_equal(nf, 3);
+	check_budget();
+}
+
 static void
 test_reuse_case_insensitive(void **state)
 {
@@ -1543,7 +1585,10 @@ test_reentrant_callbacks(void **state)
 	acq(&a, "a");
 	acq(&b, "a");
 	run();
-	assert_int_equal(nf, 2);		/* both logins started */
+	assert_int_equal(nf, 1);		/* b waits for a's session ... */
+	advance(500);
+	run();
+	assert_int_equal(nf, 2);		/* ... then logs in too */
 	fready(0);
 	assert_int_equal(a.granted, 1);		/* and given back at once */
 	pool_get_stats(&st);
@@ -1833,6 +1878,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_fifo_and_eviction, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_fifo_new_logins_strict, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_queue_timeout, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_busy_mailbox_waits, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_evict_lru, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reuse_case_insensitive, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_release_selected, setup, teardown),

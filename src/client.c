@@ -2238,7 +2238,7 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 		    fr->len);
 		evbuffer_drain(in, fr->len);
 	} else
-		evbuffer_remove_buffer(in, out, fr->len);
+		relay_move(in, out, fr->len);
 	if (p != NULL) {
 		/* The reply is complete: send it before anything can take
 		 * the upstream (and its read_done callback) away. */
@@ -2296,19 +2296,21 @@ cl_up_read_done(void *arg)
 
 /* ------------------------------------------------------------- relaying */
 
-/* Keep bytes of the in-flight command while it may have to be sent again;
- * past cl_replay_max it cannot be, and the copy is dropped. */
-static void
-cl_keep(struct client *c, const char *data, size_t len)
+/* Room for len more bytes of the in-flight command's copy, kept while it
+ * may have to be sent again; NULL when there is no copy (any more: past
+ * cl_replay_max it cannot be sent again, and the copy is dropped). */
+static char *
+cl_keep_room(struct client *c, size_t len)
 {
 	size_t cap;
+	char *p;
 
 	if (!c->cl_replay_on)
-		return;
+		return NULL;
 	if (c->cl_replay_len + len > c->cl_replay_max) {
 		c->cl_replay_on = false;
 		c->cl_replay_len = 0;
-		return;
+		return NULL;
 	}
 	if (c->cl_replay_len + len > c->cl_replay_cap) {
 		cap = c->cl_replay_cap ? c->cl_replay_cap : 256;
@@ -2317,8 +2319,18 @@ cl_keep(struct client *c, const char *data, size_t len)
 		c->cl_replay = xrealloc(c->cl_replay, cap);
 		c->cl_replay_cap = cap;
 	}
-	memcpy(c->cl_replay + c->cl_replay_len, data, len);
+	p = c->cl_replay + c->cl_replay_len;
 	c->cl_replay_len += len;
+	return p;
+}
+
+static void
+cl_keep(struct client *c, const char *data, size_t len)
+{
+	char *p = cl_keep_room(c, len);
+
+	if (p != NULL)
+		memcpy(p, data, len);
 }
 
 /* Move len bytes of the command being read from in to the upstream (or,
@@ -2326,14 +2338,15 @@ cl_keep(struct client *c, const char *data, size_t len)
 static void
 cl_emit(struct client *c, struct evbuffer *in, size_t len)
 {
+	char *keep;
+
 	c->cl_bytes_in += len;
 	if (c->cl_cur_pend != NULL)
 		c->cl_cur_pend->rq += len;
-	/* Lines and literal frames lie in input's first chunk: no copy. */
-	if (c->cl_replay_on)
-		cl_keep(c, (const char *)evbuffer_pullup(in, (ev_ssize_t)len), len);
+	if ((keep = cl_keep_room(c, len)) != NULL)
+		evbuffer_copyout(in, keep, len);
 	if (c->cl_up != NULL)
-		evbuffer_remove_buffer(in, upstream_output(c->cl_up), len);
+		relay_move(in, upstream_output(c->cl_up), len);
 	else
 		evbuffer_drain(in, len);
 }

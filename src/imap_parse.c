@@ -169,6 +169,12 @@ imap_framer_init(struct imap_framer *fr, size_t line_max, uint64_t lit_max)
 }
 
 bool
+imap_framer_in_literal(const struct imap_framer *fr)
+{
+	return fr->fr_state == IMAP_FRS_LIT;
+}
+
+bool
 imap_framer_at_boundary(const struct imap_framer *fr)
 {
 	return fr->fr_state == IMAP_FRS_LINE && !fr->fr_in_cmd &&

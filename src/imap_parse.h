@@ -75,6 +75,9 @@ void imap_framer_next(struct imap_framer *fr, const char *buf, size_t len,
     struct imap_frame *out);
 /* True between commands: no partial line, literal or discard pending. */
 bool imap_framer_at_boundary(const struct imap_framer *fr);
+/* True inside a literal: the next frame only counts bytes (their content
+ * is never read), so it may span more than the buffer given. */
+bool imap_framer_in_literal(const struct imap_framer *fr);
 
 /* ------------------------------------------------------------- lexer */
 

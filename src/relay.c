@@ -20,7 +20,10 @@ relay_frame_next(struct imap_framer *fr, struct evbuffer *in,
 			return false;
 		if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
 			return false;
-		imap_framer_next(fr, v.iov_base, v.iov_len, out);
+		/* Literal octets are counted, not read: one frame takes all
+		 * that arrived, not only the first chain's 4 KiB. */
+		imap_framer_next(fr, v.iov_base, imap_framer_in_literal(fr) ?
+		    avail : v.iov_len, out);
 		if (out->kind == IMAP_FR_MORE) {
 			if (out->len > 0) {
 				evbuffer_drain(in, out->len);
@@ -41,6 +44,32 @@ relay_frame_next(struct imap_framer *fr, struct evbuffer *in,
 		if (out->kind == IMAP_FR_LINE || out->kind == IMAP_FR_OVERFLOW)
 			*line = v.iov_base;
 		return true;
+	}
+}
+
+void
+relay_move(struct evbuffer *src, struct evbuffer *dst, size_t len)
+{
+	struct evbuffer_iovec v;
+	ev_ssize_t got;
+	size_t n;
+
+	/* A command or response line: moving its chain costs no copy. */
+	if (len < 4096) {
+		evbuffer_remove_buffer(src, dst, len);
+		return;
+	}
+	while (len > 0) {
+		n = len < RELAY_RECORD ? len : RELAY_RECORD;
+		if (evbuffer_reserve_space(dst, (ev_ssize_t)n, &v, 1) < 1 ||
+		    (got = evbuffer_copyout(src, v.iov_base, n)) <= 0) {
+			evbuffer_remove_buffer(src, dst, len);	/* no memory */
+			return;
+		}
+		v.iov_len = (size_t)got;
+		evbuffer_commit_space(dst, &v, 1);
+		evbuffer_drain(src, (size_t)got);
+		len -= (size_t)got;
 	}
 }
 

@@ -23,6 +23,8 @@ struct bufferevent;
 #define RELAY_HIWAT (256 * 1024)
 /* Output level at which reading resumes. */
 #define RELAY_LOWAT (64 * 1024)
+/* Bytes libevent hands SSL_write() at a time: the largest TLS record. */
+#define RELAY_RECORD 15000
 
 /*
  * Run the framer over in.  Returns true with a frame in out (and, for LINE
@@ -33,6 +35,14 @@ struct bufferevent;
  */
 bool relay_frame_next(struct imap_framer *fr, struct evbuffer *in,
     struct imap_frame *out, const char **line);
+
+/*
+ * Move len bytes from the head of src to dst.  From 4 KiB on (literal
+ * data) they are copied into contiguous pieces of RELAY_RECORD bytes: an
+ * OpenSSL bufferevent makes one TLS record and one write() of each piece,
+ * where moving src's own 4 KiB read chains would make four.
+ */
+void relay_move(struct evbuffer *src, struct evbuffer *dst, size_t len);
 
 /* True when dst's output is at or above the high-water mark. */
 bool relay_output_full(struct bufferevent *dst);

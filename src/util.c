@@ -4,6 +4,10 @@
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
+#ifdef __SANITIZE_ADDRESS__
+/* From the sanitizer runtime (GCC ships no header declaring it). */
+size_t __sanitizer_get_current_allocated_bytes(void);
+#endif
 #include <event2/event.h>
 #include <openssl/crypto.h>
 #include <stdio.h>
@@ -76,7 +80,10 @@ util_count_allocations(void)
 size_t
 util_heap_in_use(void)
 {
-#ifdef __GLIBC__
+#if defined(__SANITIZE_ADDRESS__)
+	/* AddressSanitizer's allocator replaces glibc's. */
+	return __sanitizer_get_current_allocated_bytes();
+#elif defined(__GLIBC__)
 	return mallinfo2().uordblks;
 #else
 	return 0;

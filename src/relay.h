@@ -2,11 +2,12 @@
  * relay.h - framing an evbuffer and moving bytes with backpressure.
  *
  * Owns no object: helpers shared by client.c and upstream.c to run the
- * imap_parse framer over a bufferevent's input without copying literal
- * octets, and the high/low-water constants that bound each session's
- * buffers.  Backpressure never uses read high-watermarks (they stall on SSL
- * bufferevents): the reader disables EV_READ on its source and the sink's
- * write low-watermark callback enables it again.
+ * imap_parse framer over a bufferevent's input (lines are never copied
+ * for it), to move literal data in TLS-record-sized pieces, to write in the
+ * current loop pass, and the high/low-water constants that bound each
+ * session's buffers.  Backpressure never uses read high-watermarks (they
+ * stall on SSL bufferevents): the reader disables EV_READ on its source and
+ * the sink's write low-watermark callback enables it again.
  */
 #ifndef RELAY_H
 #define RELAY_H

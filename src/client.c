@@ -1168,6 +1168,7 @@ cl_replay_release(struct client *c)
 	c->cl_replay = NULL;
 	c->cl_replay_len = c->cl_replay_cap = 0;
 }
+
 /* Upstream losses in a row one command may survive. */
 #define CL_RECOVER_TRIES 3
 /* Failed attempts to get a session to settle an APPEND's fate (backoff

@@ -1,4 +1,4 @@
-/* util.c - allocation helpers, clock, secret comparison. */
+/* util.c - allocation helpers and counters, heap figures, clock, secrets. */
 #include "util.h"
 
 #ifdef __GLIBC__

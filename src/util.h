@@ -1,8 +1,9 @@
 /*
- * util.h - allocation helpers and the monotonic clock.
+ * util.h - allocation helpers, allocation counters and the monotonic clock.
  *
- * Owns nothing.  The x* allocators exit on failure and are used only where
- * running out of memory leaves nothing sensible to do.
+ * Owns the process's allocation counters, nothing else.  The x* allocators
+ * exit on failure and are used only where running out of memory leaves
+ * nothing sensible to do.
  */
 #ifndef UTIL_H
 #define UTIL_H

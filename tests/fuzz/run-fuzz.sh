@@ -72,7 +72,7 @@ srcs_for() {
 libs_for() {
 	case $1 in
 	login) echo "-lcrypto" ;;
-	config) echo "-linih -lssl -lcrypto" ;;
+	config) echo "-linih -levent -lssl -lcrypto" ;;
 	esac
 }
 

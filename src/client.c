@@ -2291,7 +2291,17 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 static void
 cl_up_read_done(void *arg)
 {
-	if (cl_stage_owner == arg)
+	struct client *c = arg;
+
+	/* Part of a literal (a voice message being fetched) arrived: more
+	 * of it follows at once, so collect a whole record's worth before
+	 * writing (servers send 4 KiB records); a loss or the end of the
+	 * response flushes the rest. */
+	if (cl_stage_owner == c && c->cl_up != NULL &&
+	    upstream_response_incomplete(c->cl_up) &&
+	    evbuffer_get_length(cl_stage) < RELAY_RECORD)
+		return;
+	if (cl_stage_owner == c)
 		cl_stage_flush();
 }
 

@@ -52,25 +52,33 @@ relay_move(struct evbuffer *src, struct evbuffer *dst, size_t len)
 {
 	struct evbuffer_iovec v;
 	ev_ssize_t got;
-	size_t n;
+	size_t n, want;
 
 	/* A command or response line: moving its chain costs no copy. */
-	if (len < 4096) {
+	if (len < RELAY_COPY_MIN) {
 		evbuffer_remove_buffer(src, dst, len);
 		return;
 	}
 	while (len > 0) {
-		n = len < RELAY_RECORD ? len : RELAY_RECORD;
-		if (evbuffer_reserve_space(dst, (ev_ssize_t)n, &v, 1) < 1 ||
-		    (got = evbuffer_copyout(src, v.iov_base, n)) <= 0) {
-			evbuffer_remove_buffer(src, dst, len);	/* no memory */
-			return;
-		}
+		/* Fill the room left in dst's last chain first; start a new
+		 * chain only of a whole record's size. */
+		want = evbuffer_get_length(dst) > 0 ? 1 : RELAY_RECORD;
+		if (evbuffer_reserve_space(dst, (ev_ssize_t)want, &v, 1) < 1)
+			goto fallback;
+		if (v.iov_len < RELAY_COPY_MIN && v.iov_len < len &&
+		    evbuffer_reserve_space(dst, RELAY_RECORD, &v, 1) < 1)
+			goto fallback;
+		n = len < v.iov_len ? len : v.iov_len;
+		if ((got = evbuffer_copyout(src, v.iov_base, n)) <= 0)
+			goto fallback;
 		v.iov_len = (size_t)got;
 		evbuffer_commit_space(dst, &v, 1);
 		evbuffer_drain(src, (size_t)got);
 		len -= (size_t)got;
 	}
+	return;
+fallback:
+	evbuffer_remove_buffer(src, dst, len);	/* out of memory: no copy */
 }
 
 bool

@@ -26,6 +26,8 @@ struct bufferevent;
 #define RELAY_LOWAT (64 * 1024)
 /* Bytes libevent hands SSL_write() at a time: the largest TLS record. */
 #define RELAY_RECORD 15000
+/* Runs shorter than this are moved as chains, not copied (relay_move). */
+#define RELAY_COPY_MIN 1024
 
 /*
  * Run the framer over in.  Returns true with a frame in out (and, for LINE

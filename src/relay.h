@@ -40,10 +40,11 @@ bool relay_frame_next(struct imap_framer *fr, struct evbuffer *in,
     struct imap_frame *out, const char **line);
 
 /*
- * Move len bytes from the head of src to dst.  From 4 KiB on (literal
- * data) they are copied into contiguous pieces of RELAY_RECORD bytes: an
- * OpenSSL bufferevent makes one TLS record and one write() of each piece,
- * where moving src's own 4 KiB read chains would make four.
+ * Move len bytes from the head of src to dst.  From RELAY_COPY_MIN on
+ * (literal data) they are copied, filling dst's last chain before starting
+ * a new one of RELAY_RECORD bytes: an OpenSSL bufferevent makes one TLS
+ * record and one write() of each chain, where moving src's own read chains
+ * (4 KiB, or a peer's small records) would make several.
  */
 void relay_move(struct evbuffer *src, struct evbuffer *dst, size_t len);
 

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
@@ -223,14 +222,9 @@ def machine():
 
 def shim_tls_handshakes(shim):
     """(full, resumed) upstream TLS handshakes from imapshim's /metrics."""
-    url = "http://%s/metrics" % shim.config["shim"]["status_listen"]
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    got = {}
-    for m in re.finditer(r'^imapshim_upstream_tls_handshakes_total\{resumed="(yes|no)"\} (\d+)',
-                         text, re.M):
-        got[m.group(1)] = int(m.group(2))
-    return got.get("no", 0), got.get("yes", 0)
+    port = int(shim.config["shim"]["status_listen"].rsplit(":", 1)[1])
+    return tuple(int(harness.metric(port, "imapshim_upstream_tls_handshakes_total",
+                                    resumed=r) or 0) for r in ("no", "yes"))
 
 
 def run_bench(args, env, scen, opts, target, dv, shim, dvlog):

@@ -27,6 +27,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.request
 
 HOST = "127.0.0.1"
 DEFAULT_TIMEOUT = 10.0
@@ -80,6 +81,21 @@ def wait_port(port, host=HOST, timeout=DEFAULT_TIMEOUT, proc=None, what=None):
             last = e
             time.sleep(0.05)
     raise HarnessError("%s:%d did not accept within %.1fs (%s)" % (host, port, timeout, last))
+
+
+def http_get(port, path, host=HOST):
+    """GET http://host:port/path (imapshim's status endpoint); the body as
+    text.  An HTTP error raises."""
+    with urllib.request.urlopen("http://%s:%d%s" % (host, port, path), timeout=5) as r:
+        return r.read().decode()
+
+
+def metric(port, name, **labels):
+    """One sample of imapshim's /metrics as a float, None when absent."""
+    lab = ",".join('%s="%s"' % kv for kv in sorted(labels.items()))
+    pat = "^" + re.escape(name + ("{%s}" % lab if lab else "")) + r" (\S+)$"
+    m = re.search(pat, http_get(port, "/metrics"), re.M)
+    return float(m.group(1)) if m else None
 
 
 def write_file(path, data, mode=0o600):

@@ -13,9 +13,6 @@ measured by `make bench`).
                KiB per session).
 """
 
-import re
-import urllib.request
-
 import pytest
 
 import harness
@@ -25,12 +22,7 @@ ADMIN = "NPUMAdmin1"
 
 def metric(port, name, **labels):
     """One sample of imapshim's /metrics (0 when the series is absent)."""
-    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
-        text = r.read().decode()
-    lab = ",".join('%s="%s"' % kv for kv in sorted(labels.items()))
-    pat = re.escape(name + ("{%s}" % lab if lab else "")) + r" (\d+(?:\.\d+)?)$"
-    m = re.search(pat, text, re.M)
-    return float(m.group(1)) if m else 0.0
+    return harness.metric(port, name, **labels) or 0.0
 
 
 def allocations(port):

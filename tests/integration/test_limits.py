@@ -33,7 +33,6 @@ import socket
 import concurrent.futures
 import json
 import time
-import urllib.request
 
 import pytest
 
@@ -68,19 +67,11 @@ def nofile_limit(pid):
     return int(m.group(1)), int(m.group(2))
 
 
-def http_get(port, path):
-    with urllib.request.urlopen("http://%s:%d%s" % (harness.HOST, port, path),
-                                timeout=5) as r:
-        return r.read().decode()
-
-
 def status(port):
-    return json.loads(http_get(port, "/status"))
+    return json.loads(harness.http_get(port, "/status"))
 
 
-def metric(port, name):
-    m = re.search(r"^%s (\S+)$" % re.escape(name), http_get(port, "/metrics"), re.M)
-    return float(m.group(1)) if m else None
+metric = harness.metric
 
 
 def log_count(shim, pattern):

@@ -59,7 +59,6 @@ import re
 import signal
 import threading
 import time
-import urllib.request
 
 import fake_exchange
 import harness
@@ -85,10 +84,7 @@ class Violation(Exception):
     """Something a client must never see."""
 
 
-def http_get(port, path):
-    with urllib.request.urlopen("http://%s:%d%s" % (harness.HOST, port, path),
-                                timeout=5) as r:
-        return r.read().decode()
+http_get = harness.http_get
 
 
 def status(port):

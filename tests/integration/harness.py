@@ -46,12 +46,22 @@ def which(prog):
     return shutil.which(prog, path=path)
 
 
+_ports_given = set()
+
+
 def free_port(host=HOST):
-    """A port that was free a moment ago (bind port 0, read it, close)."""
+    """A port that was free a moment ago (bind port 0, read it, close), and
+    never handed out before by this process: the kernel may offer the same
+    port twice in a row, and two listeners of one test (listen and
+    listen_starttls) must not get it both."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def wait_until(pred, timeout=DEFAULT_TIMEOUT, interval=0.05, what="condition"):
@@ -668,8 +678,6 @@ class Dovecot:
         self.conf_path = os.path.join(directory, "dovecot.conf")
         self.port_imap = free_port()
         self.port_imaps = free_port()
-        while self.port_imaps == self.port_imap:
-            self.port_imaps = free_port()
 
     def start(self):
         d = self.dir

@@ -715,6 +715,7 @@ up_event_cb(struct bufferevent *bev, short what, void *arg)
 			else {
 				up_arm_timer(u, u->up_login_timeout_ms);
 				up_set_state(u, UP_S_GREETING);
+				bufferevent_enable(bev, EV_READ);
 			}
 		} else if (u->up_state == UP_S_HANDSHAKE) {
 			stats_upstream_tls(tls_handshake_done(u->up_ssl));
@@ -812,7 +813,10 @@ upstream_new(struct event_base *base, struct evdns_base *dns,
 		log_fatal("upstream_new", "reason=out-of-memory");
 	bufferevent_setcb(u->up_bev, up_read_cb, up_write_cb, up_event_cb, u);
 	bufferevent_setwatermark(u->up_bev, EV_WRITE, RELAY_LOWAT, 0);
-	bufferevent_enable(u->up_bev, EV_READ | EV_WRITE);
+	/* No reading until connected: a server that answers at once (a
+	 * plaintext "* BYE" to our TLS) must find its words still in the
+	 * socket when TLS takes it over, not in this bufferevent's input. */
+	bufferevent_enable(u->up_bev, EV_WRITE);
 	u->up_state = UP_S_CONNECTING;
 	TAILQ_INSERT_TAIL(&up_all, u, up_link);
 	up_count++;

@@ -754,6 +754,43 @@ def test_lost_during_store_is_unavailable(env, make_fake, admins):
         c.close()
 
 
+def test_lost_and_unreachable_says_bye(env, make_fake, admins):
+    """The upstream dies as STORE arrives and from then on the server drops
+    every connection, while the client, without reading, goes on writing an
+    APPEND with a LITERAL+ literal (as NuPoint may).  imapshim answers the
+    STORE NO [UNAVAILABLE] and, with no server to carry the session on,
+    ends it with a BYE that names Exchange and then closes: the client
+    finds both in what it received, and no APPEND reached the server."""
+    mbx = "lost-unreachable"
+    fe = make_fake()
+
+    def drop_store_then_all(conn, tag, name, cmd):
+        if name != "STORE":
+            return None
+        fe.script["on_connect"] = lambda conn: "drop"
+        return "drop"
+    fe.script["on_command"] = drop_store_then_all
+    shim = env([fe])
+    c, r, _ = login(shim, mbx, admins)
+    try:
+        assert r.status == "OK", r
+        select_and_check(c)
+        msg, _ = voice_message("unreachable", size=2000)
+        c.send(b"W STORE 1 +FLAGS (\\Flagged)\r\n")
+        c.send(b"A APPEND INBOX {%d+}\r\n" % len(msg) + msg[:len(msg) // 2])
+        got = c.expect_closed(timeout=15)
+    finally:
+        c.close()
+    lines = got.split(b"\r\n")
+    assert lines[0].startswith(b"W NO [UNAVAILABLE] "), got
+    byes = [l for l in lines if l.startswith(b"* BYE ")]
+    assert len(byes) == 1 and b"Exchange" in byes[0], got
+    assert lines.index(byes[0]) > 0, got
+    assert fe.commands("APPEND", mailbox=mbx) == [], fe.summary()
+    closes = log_lines(shim, "client_close", mailbox=re.escape(mbx))
+    assert len(closes) == 1 and "reason=upstream-lost" in closes[0], closes
+
+
 @pytest.mark.parametrize("point", ["stored_unanswered", "mid_literal",
                                    "mid_literal_client_done"])
 def test_append_exactly_once(env, make_fake, admins, point):

@@ -185,6 +185,20 @@ class SoakClient:
         self.stats.inc("bytes_received", len(it))
         return it
 
+    def take_unread(self):
+        """After the connection went: the complete lines imapshim had sent
+        that the client never read (a client writing a LITERAL+ APPEND or a
+        pipeline reads nothing before it leaves).  They are checked like
+        any item and become the transcript's last ones, so that a BYE
+        imapshim sent before closing counts as said.  asyncio offers no
+        public way to read a buffer past a reset, hence _buffer."""
+        buf = bytes(getattr(self.r, "_buffer", b"")) if self.r is not None else b""
+        for line in buf.split(b"\r\n")[:-1]:
+            line += b"\r\n"
+            self.check_item(line)
+            self.last = line
+            self.trace.append(("S (unread):", line))
+
     async def response(self, tag):
         """Items up to the tagged reply for tag (which must be next)."""
         items = []
@@ -484,6 +498,10 @@ class SoakRun:
                 self.stats.error("%.1fs: %s: no answer within %.0fs"
                                  % (time.monotonic() - self.t0, c.where(), CMD_TIMEOUT))
             except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
+                try:
+                    c.take_unread()
+                except Violation as v:
+                    self.stats.error("%s: %s" % (c.where(), v))
                 if getattr(c, "cut_in_literal", False):
                     self.stats.inc("cut_mid_response")
                     await asyncio.sleep(0.2)

@@ -35,6 +35,13 @@ struct tls_peek {
 struct tls_resume {
 	char key[300];
 	SSL_SESSION *sess;
+	/* The context whose connection got sess: only its connections may
+	 * resume it.  After a reload a pooled connection of the old context
+	 * can still receive a ticket, and its certificate was checked
+	 * against the old tls_ca_file.  (A context's address is not reused
+	 * while one of its connections lives, and every new context flushes
+	 * the table, so the pointer cannot alias.) */
+	const SSL_CTX *ctx;
 };
 
 static struct tls_resume tls_resume[TLS_RESUME_MAX];
@@ -68,6 +75,7 @@ tls_new_session_cb(SSL *ssl, SSL_SESSION *sess)
 		return 0;
 	SSL_SESSION_free(r->sess);
 	r->sess = sess;
+	r->ctx = SSL_get_SSL_CTX(ssl);
 	return 1;	/* we keep the reference */
 }
 
@@ -264,7 +272,7 @@ tls_client_ssl_new(SSL_CTX *ctx, const char *name, bool verify,
 		key = OPENSSL_strdup(resume_key);
 		if (key == NULL || SSL_set_ex_data(ssl, tls_resume_idx, key) != 1)
 			OPENSSL_free(key);
-		else if (r->sess != NULL)
+		else if (r->sess != NULL && r->ctx == ctx)
 			SSL_set_session(ssl, r->sess);
 	}
 	return ssl;

@@ -116,6 +116,9 @@ struct pool_entry {
 	LIST_ENTRY(pool_entry) pe_uplink;	/* P.by_up[] */
 };
 
+/* pe_server of a session whose server a reload removed. */
+#define POOL_SERVER_GONE	((size_t)-1)
+
 TAILQ_HEAD(pool_entry_list, pool_entry);
 TAILQ_HEAD(pool_waiter_list, pool_waiter);
 TAILQ_HEAD(pool_admin_list, pool_admin);
@@ -213,6 +216,65 @@ static uint64_t
 bit(size_t i)
 {
 	return i < 64 ? (uint64_t)1 << i : 0;
+}
+
+/* "host:port" of e's server, or "removed" once a reload dropped it. */
+static const char *
+entry_server(const struct pool_entry *e, char *buf, size_t len)
+{
+	if (e->pe_server >= P.cfg->n_servers)
+		return "removed";
+	return addr_endpoint_str(&P.cfg->servers[e->pe_server], buf, len);
+}
+
+/*
+ * Index i of old's servers as an index of cfg's: a reload may reorder or
+ * drop servers while sessions and waiters still hold indices of the old
+ * list, and a failure must count against the server that failed (and a
+ * session be shown under its own server).  POOL_SERVER_GONE when cfg no
+ * longer lists it.
+ */
+static size_t
+server_remap(const struct config *old, const struct config *cfg, size_t i)
+{
+	char a[300], b[300];
+	size_t j;
+
+	if (old == NULL || i >= old->n_servers)
+		return POOL_SERVER_GONE;
+	addr_endpoint_str(&old->servers[i], a, sizeof(a));
+	for (j = 0; j < cfg->n_servers; j++)
+		if (util_ieq(addr_endpoint_str(&cfg->servers[j], b, sizeof(b)), a))
+			return j;
+	return POOL_SERVER_GONE;
+}
+
+static uint64_t
+server_mask_remap(const struct config *old, const struct config *cfg,
+    uint64_t mask)
+{
+	uint64_t out = 0;
+	size_t i;
+
+	for (i = 0; i < 64; i++)
+		if (mask & bit(i))
+			out |= bit(server_remap(old, cfg, i));
+	return out;
+}
+
+static void
+waiters_remap(struct pool_waiter_list *q, const struct config *old,
+    const struct config *cfg)
+{
+	struct pool_waiter *w;
+
+	TAILQ_FOREACH(w, q, pw_link) {
+		w->pw_servers_failed = server_mask_remap(old, cfg,
+		    w->pw_servers_failed);
+		if (w->pw_last_server != (size_t)-1)
+			w->pw_last_server = server_remap(old, cfg,
+			    w->pw_last_server);
+	}
 }
 
 /* The {domain} a login for w uses upstream (and the negative cache key). */
@@ -642,7 +704,7 @@ pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
 	uint64_t now = pool_now(), delay = 0;
 	const char *end = NULL;
 	enum pool_fail fail = POOL_FAIL_UNAVAILABLE;
-	char mb[80], rv[300];
+	char mb[80], rv[300], srv[300];
 	size_t i;
 
 	retry_classify(cfg, why, reason, &v);
@@ -708,11 +770,10 @@ pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
 		end = "too many attempts";
 	if (end != NULL) {
 		log_info("pool_login_failed", "entry=%llu mailbox=%s admin=%s "
-		    "server=%s:%s class=%s label=%s attempts=%u end=\"%s\" "
+		    "server=%s class=%s label=%s attempts=%u end=\"%s\" "
 		    "reason=%s", (unsigned long long)e->pe_id,
 		    lv(mb, sizeof(mb), w->pw_mailbox), a->pa_name,
-		    cfg->servers[e->pe_server].host,
-		    cfg->servers[e->pe_server].port,
+		    entry_server(e, srv, sizeof(srv)),
 		    v.rv_class == RETRY_SERVER ? "server" :
 		    v.rv_class == RETRY_LOGIN ? "login" : "final", v.rv_label,
 		    w->pw_attempts, end, lv(rv, sizeof(rv), reason));
@@ -721,11 +782,10 @@ pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
 	}
 	stats_login_retry(v.rv_reason);
 	w->pw_not_before_ms = now + delay;
-	log_info("pool_retry", "entry=%llu mailbox=%s admin=%s server=%s:%s "
+	log_info("pool_retry", "entry=%llu mailbox=%s admin=%s server=%s "
 	    "class=%s label=%s attempt=%u backoff_ms=%llu reason=%s",
 	    (unsigned long long)e->pe_id, lv(mb, sizeof(mb), w->pw_mailbox),
-	    a->pa_name, cfg->servers[e->pe_server].host,
-	    cfg->servers[e->pe_server].port,
+	    a->pa_name, entry_server(e, srv, sizeof(srv)),
 	    v.rv_class == RETRY_SERVER ? "server" :
 	    v.rv_class == RETRY_LOGIN ? "login" : "final", v.rv_label,
 	    w->pw_attempts, (unsigned long long)delay,
@@ -985,7 +1045,6 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	P.total++;
 	e->pe_waiter = w;
 	w->pw_entry = e;
-	w->pw_next_server = server + 1;
 
 	retry_login_started(now);
 	u = P.ops->open(cfg, best->pa_index, server, e->pe_domain, e->pe_mailbox,
@@ -1337,6 +1396,11 @@ pool_set_config(const struct config *cfg)
 
 	if (!P.init || P.shut)
 		return;
+	for (i = 0; i < PE_COUNT; i++)
+		TAILQ_FOREACH(e, &P.lists[i], pe_link)
+			e->pe_server = server_remap(P.cfg, cfg, e->pe_server);
+	waiters_remap(&P.queue, P.cfg, cfg);
+	waiters_remap(&P.deliver, P.cfg, cfg);
 	P.cfg = cfg;
 	pool_build_admins(cfg);
 	retry_configure(cfg);
@@ -1416,7 +1480,6 @@ pool_acquire(struct pool_waiter *w)
 	w->pw_since_ms = now;
 	w->pw_deadline_ms = now + P.cfg->queue_timeout_ms;
 	w->pw_entry = NULL;
-	w->pw_next_server = 0;
 	w->pw_reason[0] = '\0';
 	w->pw_attempts = 0;
 	w->pw_servers_failed = 0;

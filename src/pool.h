@@ -67,7 +67,6 @@ struct pool_waiter {
 	struct pool_entry *pw_entry;	/* a login started for this waiter */
 	TAILQ_ENTRY(pool_waiter) pw_link;
 	int pw_state;			/* idle, queued, or result pending */
-	size_t pw_next_server;		/* failover: next index into servers */
 	enum pool_fail pw_fail_why;	/* result pending: the failure */
 	char pw_reason[256];		/* its reason (last server failure) */
 	/* Retries (retry.c), for this pool_acquire() only.  Bit i stands
@@ -181,7 +180,8 @@ unsigned pool_admin_sessions(size_t admin);
 /* One upstream session as /metrics and /status show it. */
 struct pool_session_info {
 	const char *admin;	/* admin account name */
-	size_t server;		/* index into cfg->servers */
+	size_t server;		/* index into cfg->servers; (size_t)-1 once a
+				 * reload removed that server */
 	const char *state;	/* "login", "idle", "checking", "resetting",
 				 * "handoff", "leased", "closing" */
 	const char *mailbox;

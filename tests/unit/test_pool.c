@@ -1340,6 +1340,83 @@ test_open_null(void **state)
 	check_budget();
 }
 
+/* Server of the session whose mailbox is arg (first field). */
+struct find_si {
+	const char *mailbox;
+	size_t server;
+	int found;
+};
+
+static void
+find_si_cb(const struct pool_session_info *si, void *arg)
+{
+	struct find_si *f = arg;
+
+	if (strcmp(si->mailbox, f->mailbox) == 0) {
+		f->server = si->server;
+		f->found++;
+	}
+}
+
+static size_t
+session_server(const char *mailbox)
+{
+	struct find_si f = { mailbox, 0, 0 };
+
+	pool_foreach_session(find_si_cb, &f);
+	assert_int_equal(f.found, 1);
+	return f.server;
+}
+
+/* A reload that reorders servers while a login is under way and a session
+ * is leased: the failure counts against the server that failed, the retry
+ * goes to the other one, and the leased session is shown under its own
+ * server (and under none once a reload drops it). */
+static void
+test_reload_reorders_servers(void **state)
+{
+	static struct config c2, c3;
+	static struct addr_endpoint swapped[2], only2[1];
+	static struct tclient a, b;
+
+	(void)state;
+	C.n_servers = 2;
+	C.session_budget = 3;
+	pool_set_config(&C);
+	acq(&b, "b");
+	run();
+	fready(0);
+	assert_int_equal(b.granted, 1);
+	acq(&a, "a");
+	run();
+	assert_int_equal(F[1].server, 0);		/* cas1, logging in */
+	swapped[0] = servers[1];
+	swapped[1] = servers[0];
+	c2 = C;
+	c2.servers = swapped;
+	pool_set_config(&c2);
+	assert_int_equal(session_server("b"), 1);	/* cas1 is now 1 */
+	ffail(1, UP_FAIL_CONNECT, "connection refused");
+	assert_int_equal(retry_server_failures(1), 1);	/* cas1 */
+	assert_int_equal(retry_server_failures(0), 0);	/* cas2 */
+	ffree(1);
+	advance(250);
+	assert_int_equal(nf, 3);
+	assert_int_equal(F[2].server, 0);		/* cas2, not cas1 again */
+	fready(2);
+	assert_int_equal(a.granted, 1);
+	only2[0] = servers[1];
+	c3 = c2;
+	c3.servers = only2;
+	c3.n_servers = 1;
+	pool_set_config(&c3);
+	assert_int_equal(session_server("b"), (size_t)-1);
+	assert_int_equal(session_server("a"), 0);
+	rel(&a, POOL_RELEASE_CLEAN);
+	rel(&b, POOL_RELEASE_CLEAN);
+	C = c3;
+}
+
 static void
 test_reload_raises_budget(void **state)
 {
@@ -1895,6 +1972,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_quarantined_admin_not_chosen, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_all_servers_down, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_open_null, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_reload_reorders_servers, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reload_raises_budget, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reload_lowers_budget, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reload_admin_removed, setup, teardown),

@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "util.h"
+
 static void addr_err(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -289,6 +291,12 @@ addr_endpoint_str(const struct addr_endpoint *ep, char *buf, size_t buflen)
 	else
 		snprintf(buf, buflen, "%s:%s", ep->host, ep->port);
 	return buf;
+}
+
+bool
+addr_endpoint_same(const struct addr_endpoint *a, const struct addr_endpoint *b)
+{
+	return util_ieq(a->host, b->host) && strcmp(a->port, b->port) == 0;
 }
 
 bool

@@ -40,6 +40,11 @@ const char *addr_sockaddr_str(const struct sockaddr *sa, char *buf, size_t bufle
 const char *addr_endpoint_str(const struct addr_endpoint *ep, char *buf,
     size_t buflen);
 
+/* True when a and b name the same endpoint: host ASCII case-insensitive,
+ * port as written. */
+bool addr_endpoint_same(const struct addr_endpoint *a,
+    const struct addr_endpoint *b);
+
 /* True when host is an IPv4 or IPv6 literal (no SNI is sent for those). */
 bool addr_is_ip_literal(const char *host);
 

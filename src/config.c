@@ -782,8 +782,7 @@ cfg_set_servers(const struct cfg_key *k, void *base, const char *v,
 			return -1;
 		}
 		for (i = 0; i < *n; i++) {
-			if (util_ieq((*arr)[i].host, ep.host) &&
-			    strcmp((*arr)[i].port, ep.port) == 0) {
+			if (addr_endpoint_same(&(*arr)[i], &ep)) {
 				cfg_errmsg(err, errlen, "'%s' listed twice",
 				    item);
 				return -1;
@@ -1496,6 +1495,17 @@ config_free(struct config *cfg)
 	}
 	free(cfg->admins);
 	free(cfg);
+}
+
+size_t
+config_find_server(const struct config *cfg, const struct addr_endpoint *ep)
+{
+	size_t i;
+
+	for (i = 0; cfg != NULL && i < cfg->n_servers; i++)
+		if (addr_endpoint_same(&cfg->servers[i], ep))
+			return i;
+	return (size_t)-1;
 }
 
 const struct config_admin *

@@ -119,6 +119,10 @@ struct config *config_load(const char *path, bool check_files,
     struct config_diag *diag);
 void config_free(struct config *cfg);
 
+/* Index of ep in cfg->servers, or (size_t)-1 when it is not listed. */
+size_t config_find_server(const struct config *cfg,
+    const struct addr_endpoint *ep);
+
 /* Find an admin by name, ASCII case-insensitive.  NULL when unknown. */
 const struct config_admin *config_find_admin(const struct config *cfg,
     const char *name, size_t len);

@@ -237,16 +237,9 @@ entry_server(const struct pool_entry *e, char *buf, size_t len)
 static size_t
 server_remap(const struct config *old, const struct config *cfg, size_t i)
 {
-	char a[300], b[300];
-	size_t j;
-
 	if (old == NULL || i >= old->n_servers)
 		return POOL_SERVER_GONE;
-	addr_endpoint_str(&old->servers[i], a, sizeof(a));
-	for (j = 0; j < cfg->n_servers; j++)
-		if (util_ieq(addr_endpoint_str(&cfg->servers[j], b, sizeof(b)), a))
-			return j;
-	return POOL_SERVER_GONE;
+	return config_find_server(cfg, &old->servers[i]);
 }
 
 static uint64_t

@@ -284,8 +284,8 @@ struct st_row {
 };
 
 /*
- * Columns: servers 0..n_servers-1, then one for an index a reload made
- * stale ("unknown").  States: pool_state_names in order, then "other"
+ * Columns: servers 0..n_servers-1, then one for sessions whose server a
+ * reload removed ("removed").  States: pool_state_names in order, then "other"
  * for a name the table does not know (never expected).
  */
 struct st_agg {
@@ -416,7 +416,7 @@ static const char *
 agg_server_label(const struct st_agg *a, size_t srv, char *buf, size_t len)
 {
 	if (srv + 1 >= a->n_srv)
-		return "unknown";
+		return "removed";
 	return addr_endpoint_str(&a->cfg->servers[srv], buf, len);
 }
 

@@ -94,6 +94,21 @@ test_endpoint_str(void **state)
 }
 
 static void
+test_endpoint_same(void **state)
+{
+	struct addr_endpoint a, b;
+
+	(void)state;
+	assert_int_equal(addr_parse_endpoint("CAS1.example.com:993", &a, NULL, 0), 0);
+	assert_int_equal(addr_parse_endpoint("cas1.EXAMPLE.com:993", &b, NULL, 0), 0);
+	assert_true(addr_endpoint_same(&a, &b));
+	assert_int_equal(addr_parse_endpoint("cas1.example.com:143", &b, NULL, 0), 0);
+	assert_false(addr_endpoint_same(&a, &b));
+	assert_int_equal(addr_parse_endpoint("cas2.example.com:993", &b, NULL, 0), 0);
+	assert_false(addr_endpoint_same(&a, &b));
+}
+
+static void
 test_cidr_parse(void **state)
 {
 	struct addr_cidr c;
@@ -274,6 +289,7 @@ main(void)
 		cmocka_unit_test(test_endpoint_forms),
 		cmocka_unit_test(test_endpoint_errors),
 		cmocka_unit_test(test_endpoint_str),
+		cmocka_unit_test(test_endpoint_same),
 		cmocka_unit_test(test_cidr_parse),
 		cmocka_unit_test(test_cidr_errors),
 		cmocka_unit_test(test_cidr_match),

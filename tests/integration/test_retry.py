@@ -49,6 +49,12 @@ BACKOFF_INITIAL_MS = 50
 BACKOFF_MAX_MS = 500
 FAIL_THRESHOLD = 3
 COOLDOWN_S = 2.0
+# The shortest gap a first-retry backoff may leave between two connections
+# the fakes saw: jitter draws from [initial/2, initial], the fakes stamp
+# connections from their own threads, and imapshim's timers count from the
+# time its loop woke, so a gap may come out a fraction of a millisecond
+# under the backoff logged.
+MIN_BACKOFF_GAP_S = BACKOFF_INITIAL_MS / 2 / 1000.0 * 0.9
 
 # reason label -> a test that made imapshim count it (test_metrics_cover_all_reasons)
 SEEN_REASONS = {}
@@ -260,7 +266,7 @@ def test_server_failover(env, make_fake, pki, admins, kind):
                 % (i, i, bad.summary()))
             # the backoff lies between the failure and the next try
             gap = good.connections_of(mbx)[0].opened - bad.connections[i - 1].opened
-            assert gap >= BACKOFF_INITIAL_MS / 2 / 1000.0, (
+            assert gap >= MIN_BACKOFF_GAP_S, (
                 "next server tried %.3fs after the failed one (backoff >= %dms)"
                 % (gap, BACKOFF_INITIAL_MS // 2))
     retry_lines = log_lines(shim, "pool_retry", server=re.escape(ep(bad_port)), **{"class": "server"})
@@ -383,7 +389,7 @@ def test_every_server_failed(env, make_fake, pki, admins):
         # one round: closed -> expired -> nocert, each after a backoff
         t_exp = expired.connections[i - 1].opened
         t_bye = nocert.connections[i - 1].opened
-        assert t_bye - t_exp >= BACKOFF_INITIAL_MS / 2 / 1000.0 * 0.9, (t_exp, t_bye)
+        assert t_bye - t_exp >= MIN_BACKOFF_GAP_S, (t_exp, t_bye)
     assert expired.all_commands() == [] and nocert.all_commands() == [], (
         "IMAP spoken over a failed TLS connection\n%s\n%s"
         % (expired.summary(), nocert.summary()))
@@ -486,8 +492,8 @@ def test_transient_login_retried(env, make_fake, admins, case):
         assert admins_used[0] != admins_used[1], (
             "the retry should use another admin account: %r" % admins_used)
         gaps = [att[i + 1][0] - att[i][0] for i in range(2)]
-        assert gaps[0] >= BACKOFF_INITIAL_MS / 2 / 1000.0, gaps
-        assert gaps[1] >= BACKOFF_INITIAL_MS / 1000.0, gaps
+        assert gaps[0] >= MIN_BACKOFF_GAP_S, gaps
+        assert gaps[1] >= 2 * MIN_BACKOFF_GAP_S, gaps   # attempt 2: [initial, 2 x initial]
         assert_one_failure_per_connection([a, b])
         # the client's session is the good one
         r = c.command("SELECT INBOX", tag="S")

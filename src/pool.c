@@ -394,6 +394,7 @@ entry_set_state(struct pool_entry *e, enum pe_state to)
 		return;
 	if (from == PE_CLOSING)		/* terminal until on_free */
 		return;
+	IMAPSHIM_ASSERT(P.counts[from] > 0);
 	TAILQ_REMOVE(&P.lists[from], e, pe_link);
 	P.counts[from]--;
 	TAILQ_REMOVE(entry_mb_list(e), e, pe_mblink);
@@ -562,6 +563,7 @@ entry_free_cb(void *arg)
 	P.counts[PE_CLOSING]--;
 	if (e->pe_up != NULL)
 		LIST_REMOVE(e, pe_uplink);
+	IMAPSHIM_ASSERT(a->pa_closing > 0 && a->pa_sessions > 0 && P.total > 0);
 	a->pa_closing--;
 	a->pa_sessions--;
 	P.total--;
@@ -1033,7 +1035,9 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	TAILQ_INSERT_TAIL(&P.lists[PE_LOGIN], e, pe_link);
 	TAILQ_INSERT_TAIL(entry_mb_list(e), e, pe_mblink);
 	P.counts[PE_LOGIN]++;
-	/* The slot is taken from here until on_free. */
+	/* The slot is taken from here until on_free (DESIGN 3.3 P1). */
+	IMAPSHIM_ASSERT(P.total < cfg->session_budget &&
+	    best->pa_sessions < best->pa_max);
 	best->pa_sessions++;
 	P.total++;
 	e->pe_waiter = w;

@@ -627,6 +627,26 @@ up_ready_frame(struct upstream *u, const struct imap_frame *fr,
 		evbuffer_drain(in, fr->len);
 }
 
+/*
+ * A ready session is gone (closed by the server, broken, unframeable).
+ * Closed first, so whoever hears of it sees a lost session; then the owner
+ * of the internal command in flight hears of it, else the lessee.
+ */
+static void
+up_lost(struct upstream *u, const char *reason, const char *why)
+{
+	const struct upstream_cbs *cbs = u->up_cbs;
+	void *lessee = u->up_arg;
+	void (*done)(void *, bool) = u->up_cmd_done;
+	void *done_arg = u->up_cmd_arg;
+
+	up_close(u, reason, false);
+	if (done != NULL)
+		done(done_arg, false);
+	else if (cbs != NULL && cbs->lost != NULL)
+		cbs->lost(lessee, why);
+}
+
 static void
 up_read_cb(struct bufferevent *bev, void *arg)
 {
@@ -646,12 +666,8 @@ up_read_cb(struct bufferevent *bev, void *arg)
 				continue;
 			if (u->up_state == UP_S_READY) {
 				/* Framing is lost: the lessee cannot be served. */
-				const struct upstream_cbs *cbs = u->up_cbs;
-
-				u->up_cbs = NULL;
-				if (cbs != NULL && cbs->lost != NULL)
-					cbs->lost(u->up_arg, "response line too long");
-				upstream_close(u, "response-too-long");
+				up_lost(u, "response-too-long",
+				    "response line too long");
 			} else
 				up_fail(u, UP_FAIL_PROTOCOL, "response line too long");
 			return;
@@ -752,23 +768,11 @@ up_event_cb(struct bufferevent *bev, short what, void *arg)
 		    UP_FAIL_TLS, "%s", reason);
 		break;
 	}
-	case UP_S_READY: {
-		const struct upstream_cbs *cbs = u->up_cbs;
-		void *lessee = u->up_arg;
-		void (*done)(void *, bool) = u->up_cmd_done;
-		void *done_arg = u->up_cmd_arg;
-		const char *why = (what & BEV_EVENT_EOF) ?
-		    "server closed the connection" : "connection error";
-
-		/* Closing first: whoever hears of it sees a lost session. */
-		up_close(u, (what & BEV_EVENT_EOF) ? "server-eof" :
-		    "server-error", false);
-		if (done != NULL)
-			done(done_arg, false);	/* its own command's owner */
-		else if (cbs != NULL && cbs->lost != NULL)
-			cbs->lost(lessee, why);
+	case UP_S_READY:
+		up_lost(u, (what & BEV_EVENT_EOF) ? "server-eof" :
+		    "server-error", (what & BEV_EVENT_EOF) ?
+		    "server closed the connection" : "connection error");
 		break;
-	}
 	default:
 		/* Whatever the server said last (e.g. "* BYE ...") was read
 		 * already; the framer handled complete lines. */

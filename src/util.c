@@ -16,6 +16,8 @@ size_t __sanitizer_get_current_allocated_bytes(void);
 #include <strings.h>
 #include <time.h>
 
+#include "log.h"
+
 const char *const util_alloc_by_names[UTIL_ALLOC_COUNT] = {
 	"imapshim", "libevent", "openssl",
 };
@@ -205,4 +207,14 @@ bool
 util_ieqn(const char *a, size_t alen, const char *b)
 {
 	return strlen(b) == alen && strncasecmp(a, b, alen) == 0;
+}
+
+void
+util_assert_fail(const char *expr, const char *file, int line, const char *func)
+{
+	log_error("assertion_failed", "expr=\"%s\" file=%s line=%d func=%s",
+	    expr, file, line, func);
+#ifdef IMAPSHIM_DEBUG
+	abort();
+#endif
 }

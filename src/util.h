@@ -53,6 +53,16 @@ bool util_secret_equal(const char *a, size_t alen, const char *b, size_t blen);
 /* Overwrite a secret before freeing it. */
 void util_secret_free(char *s);
 
+/*
+ * An invariant of the code (a budget counter, a legal state transition).
+ * Broken, it is logged as an error; debug and sanitizer builds abort, so
+ * the tests catch it where it happens.
+ */
+#define IMAPSHIM_ASSERT(e) \
+	((e) ? (void)0 : util_assert_fail(#e, __FILE__, __LINE__, __func__))
+void util_assert_fail(const char *expr, const char *file, int line,
+    const char *func);
+
 /* ASCII case-insensitive comparison of n bytes / of NUL-terminated strings. */
 bool util_ieq(const char *a, const char *b);
 bool util_ieqn(const char *a, size_t alen, const char *b);

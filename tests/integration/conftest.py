@@ -72,12 +72,16 @@ def _time_limit(request):
 
 def check_stopped(shim):
     """After stop(): SIGTERM must end imapshim with status 0 (DESIGN 3.6),
-    and a sanitizer build must have reported nothing."""
+    it must have logged no broken invariant (IMAPSHIM_ASSERT), and a
+    sanitizer build must have reported nothing."""
     problems = []
     rc = getattr(shim, "returncode", None)
     if rc is not None and rc != 0:
         problems.append("exit status %s after SIGTERM (expected 0)" % rc)
     log = shim.log_text(this_run=True)
+    m = re.search(r"^.*event=(assertion_failed|client_state_illegal) .*$", log, re.M)
+    if m:
+        problems.append("broken invariant: " + m.group(0))
     m = re.search(r"^.*(ERROR: \w+Sanitizer|runtime error:|SUMMARY: \w+Sanitizer).*$", log, re.M)
     if m:
         i = log.find(m.group(0))

@@ -130,7 +130,7 @@ def wait_parked(shim, mbx, count=1, idle=None, timeout=8.0):
 
 def state_changes(shim, cid):
     """[(from, to)] of client cid's state changes, in log order."""
-    return re.findall(r"event=client_state id=%d from=(\w+) to=(\w+)" % cid, log_text(shim))
+    return re.findall(r"event=client_state id=%d from=([\w-]+) to=([\w-]+)" % cid, log_text(shim))
 
 
 def last_state(shim, cid):
@@ -402,10 +402,10 @@ def test_idle_parked_is_polled(make_shim, dovecot, admins):
         # B selects its (non-empty) INBOX, so that parking B later takes a
         # snapshot (see test_pressure_parks_client_without_mailbox).
         assert cb.command("SELECT INBOX", timeout=25).status == "OK"
-        assert last_state(shim, aid) == "parked", state_changes(shim, aid)
+        assert last_state(shim, aid) == "parked-idle", state_changes(shim, aid)
         t0 = time.monotonic()
         dovecot.append(a, message(2, "while-idle"))
-        was_parked = last_state(shim, aid) == "parked"
+        was_parked = last_state(shim, aid) == "parked-idle"
         seen, took = read_until(ca, b"* 2 EXISTS\r\n", 2.0 + 1.5)
         assert was_parked, "A attached again before the APPEND completed; %r" % (
             state_changes(shim, aid))
@@ -419,7 +419,7 @@ def test_idle_parked_is_polled(make_shim, dovecot, admins):
         n = len(parked_events(shim, a, idle=True))
         assert cb.command("NOOP", timeout=25).status == "OK"
         wait_parked(shim, a, count=n + 1, idle=True)
-        assert last_state(shim, aid) == "parked", state_changes(shim, aid)
+        assert last_state(shim, aid) == "parked-idle", state_changes(shim, aid)
         ca.send(b"DONE\r\n")
         r = ca.read_response("i", timeout=10)
         assert r.tagged.startswith(b"i OK"), r

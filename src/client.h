@@ -2,12 +2,13 @@
  * client.h - one IMAP session from the voice platform to imapshim.
  *
  * Owns the client session: its bufferevent (and SSL), its state machine
- * (TLS handshake, not authenticated, STARTTLS, SASL, failure delay, logging
- * in, authenticated, closing), the commands it has in flight and the order
- * their replies must keep, and the upstream session it leases while
- * authenticated.  imapshim answers greeting, CAPABILITY, ID, NOOP, LOGOUT,
- * STARTTLS, LOGIN and AUTHENTICATE itself; after login it relays every
- * other command, parsed, to the upstream.
+ * (src/DESIGN.md "Client session": before login, attached, idling, parking,
+ * parked, attaching, recovering, closing), the commands it has in flight
+ * and the order their replies must keep, and the upstream session it
+ * leases while attached.  imapshim answers greeting, CAPABILITY, ID, NOOP,
+ * LOGOUT, STARTTLS, LOGIN and AUTHENTICATE itself; after login it relays
+ * every other command, parsed, to the upstream.  The module's files share
+ * client_int.h; nothing else sees struct client.
  */
 #ifndef CLIENT_H
 #define CLIENT_H

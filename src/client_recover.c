@@ -287,6 +287,21 @@ cl_append_decide(struct client *c, struct cl_pend *p)
 		cl_pend_answer(c, p, "OK APPEND completed.");
 }
 
+/* One internal command of the APPEND check; next is the step after it.
+ * Returns 0, or -1 when it could not be sent (p answered). */
+static int
+cl_append_check(struct client *c, struct cl_pend *p, const char *cmd,
+    enum cl_redo next)
+{
+	c->cl_recover = next;
+	if (upstream_command_lines(c->cl_up, cmd, cl_recover_line_cb,
+	    cl_recover_done_cb, c) == 0)
+		return 0;
+	c->cl_recover = CL_REDO_NONE;
+	cl_pend_unavailable(c, p);
+	return -1;
+}
+
 /*
  * Back on a session after a loss: select the mailbox again, then redo what
  * cl_recover says.  Each step is one internal command; its callback calls
@@ -316,26 +331,18 @@ cl_recover_step(struct client *c)
 			break;
 		}
 		/* First look whether the message landed before the loss. */
-		c->cl_recover = CL_REDO_APPEND_SEARCH;
 		c->cl_found_uid = c->cl_found_uidvalidity = 0;
 		snprintf(cmd, sizeof(cmd), "EXAMINE %s", c->cl_append_mbox);
 		c->cl_selected = true;
-		if (upstream_command_lines(c->cl_up, cmd, cl_recover_line_cb,
-		    cl_recover_done_cb, c) == 0)
+		if (cl_append_check(c, p, cmd, CL_REDO_APPEND_SEARCH) == 0)
 			return;
-		c->cl_recover = CL_REDO_NONE;
-		cl_pend_unavailable(c, p);
 		break;
 	case CL_REDO_APPEND_SEARCH:
 		cl_append_msgid(c->cl_replay, c->cl_replay_len, msgid,
 		    sizeof(msgid));
 		snprintf(cmd, sizeof(cmd), "UID SEARCH HEADER Message-ID %s", msgid);
-		c->cl_recover = CL_REDO_APPEND_DECIDE;
-		if (upstream_command_lines(c->cl_up, cmd, cl_recover_line_cb,
-		    cl_recover_done_cb, c) == 0)
+		if (cl_append_check(c, p, cmd, CL_REDO_APPEND_DECIDE) == 0)
 			return;
-		c->cl_recover = CL_REDO_NONE;
-		cl_pend_unavailable(c, p);
 		break;
 	case CL_REDO_APPEND_DECIDE:
 		cl_append_decide(c, p);

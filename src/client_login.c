@@ -516,27 +516,40 @@ cl_login_done(struct client *c)
 void
 cl_login_failed(struct client *c, enum pool_fail why, const char *reason)
 {
+	const char *x = c->cl_waiter.pw_explain;
 	char msg[700];
 
+	/* The table of these texts: README "Failure texts", imapshim.ini(5).
+	 * reason is Exchange's words (or ours, or OpenSSL's); x is the
+	 * pool's explanation (DESIGN 3.5 R5). */
 	switch (why) {
 	case POOL_FAIL_AUTH:
-		cl_auth_answer(c, "NO [AUTHENTICATIONFAILED] Exchange refused "
-		    "the login for this mailbox.");
-		return;
+		snprintf(msg, sizeof(msg), "NO [AUTHENTICATIONFAILED] Exchange "
+		    "refused the login for this mailbox %s (%s).",
+		    *x != '\0' ? x : "with every admin account", reason);
+		break;
+	case POOL_FAIL_REFUSED:
+		snprintf(msg, sizeof(msg), "NO [UNAVAILABLE] Exchange refused "
+		    "the login%s%s (%s); try again later.", *x != '\0' ? " " :
+		    "", x, reason);
+		break;
 	case POOL_FAIL_TIMEOUT:
-		cl_auth_answer(c, "NO [UNAVAILABLE] All Exchange sessions are "
-		    "busy (queue_timeout); try again later.");
-		return;
+		snprintf(msg, sizeof(msg), "NO [UNAVAILABLE] No Exchange "
+		    "session within queue_timeout: %s; try again later.",
+		    *x != '\0' ? x : "the session budget is full");
+		break;
+	case POOL_FAIL_UNAVAILABLE:
 	default:
-		snprintf(msg, sizeof(msg), "NO [UNAVAILABLE] Exchange is not "
-		    "reachable (%s); try again later.", reason);
-		/* The reason is ours or OpenSSL's text: keep it one line. */
-		for (char *q = msg; *q; q++)
-			if (*q == '\r' || *q == '\n')
-				*q = ' ';
-		cl_auth_answer(c, msg);
-		return;
+		snprintf(msg, sizeof(msg), "NO [UNAVAILABLE] %s (%s); try "
+		    "again later.", *x != '\0' ? x : "Exchange is not "
+		    "reachable", reason);
+		break;
 	}
+	/* Keep it one line whatever the words. */
+	for (char *q = msg; *q; q++)
+		if (*q == '\r' || *q == '\n')
+			*q = ' ';
+	cl_auth_answer(c, msg);
 }
 
 /* A TLS handshake with the client failed: say why, readably. */

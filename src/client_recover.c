@@ -409,8 +409,9 @@ cl_recover_failed(struct client *c)
 	}
 	if (p != NULL)
 		cl_pend_unavailable(c, p);
-	cl_close(c, "upstream-lost", "Exchange is not reachable; log in "
-	    "again later.");
+	/* Which failure is not known here: say what is. */
+	cl_close(c, "upstream-lost", "The connection to Exchange was lost and "
+	    "no new session could be had; log in again later.");
 }
 
 void

@@ -60,6 +60,7 @@
  */
 #define POOL_BUSY_WAIT_MS 500
 #define POOL_UP_BUCKETS 4096	/* upstream pointer -> entry */
+#define POOL_PREF_SLOTS 1024	/* mailbox -> the account that serves it */
 
 enum pe_state {
 	PE_LOGIN,
@@ -80,9 +81,13 @@ _Static_assert(nitems(pool_state_names) == PE_COUNT + 1, "entry state names");
 enum pw_state { PW_NONE, PW_QUEUED, PW_DELIVER };
 
 static const char *const pool_fail_names[] = {
-	"timeout", "unavailable", "auth",
+	"timeout", "unavailable", "auth", "refused",
 };
 _Static_assert(nitems(pool_fail_names) == POOL_FAIL_COUNT, "fail names");
+
+/* pw_probe: a login of another mailbox to tell a missing mailbox from a
+ * failing account (DESIGN 3.5 R5). */
+enum { PROBE_NONE, PROBE_PENDING, PROBE_RUNNING, PROBE_DONE };
 
 /* One admin account, matched by name across reloads. */
 struct pool_admin {
@@ -110,6 +115,7 @@ struct pool_entry {
 	uint64_t pe_last_used_ms;
 	struct pool_waiter *pe_waiter;	/* login, check or handoff for it */
 	bool pe_reused;			/* HANDOFF of a pooled session */
+	bool pe_probe;			/* a probe login for pe_waiter (R5) */
 	uint64_t pe_claimed;		/* serve pass that counted on it */
 	TAILQ_ENTRY(pool_entry) pe_link;	/* P.lists[pe_state] */
 	TAILQ_ENTRY(pool_entry) pe_mblink;	/* P.idle_mb[] or P.busy_mb[] */
@@ -155,6 +161,20 @@ static struct {
 	void (*pressure)(unsigned need);
 	uint64_t pass;			/* serve_queue passes, for pe_claimed */
 	unsigned need;			/* waiters short of a slot, last pass */
+
+	/* The last two different mailboxes that logged in: a probe's
+	 * subject (R5). */
+	struct pool_good {
+		char pg_domain[IMAPSHIM_NAME_MAX + 1];
+		char pg_mailbox[IMAPSHIM_MAILBOX_MAX + 1];
+		uint64_t pg_ms;			/* 0: none */
+	} good[2];
+	/* A mailbox one account refused and another served: that one
+	 * first for it afterwards.  Direct-mapped by mailbox hash. */
+	struct pool_pref {
+		unsigned pp_hash;
+		char *pp_admin;			/* name (reloads); NULL: empty */
+	} pref[POOL_PREF_SLOTS];
 } P;
 
 /* What pool_default_ops needs (pool_default_env). */
@@ -281,6 +301,87 @@ static const char *
 lv(char *buf, size_t len, const char *mb)
 {
 	return log_value(buf, len, mb, strlen(mb));
+}
+
+/* The {domain} e logs in with (the evidence key, with its mailbox). */
+static const char *
+entry_domain(const struct pool_entry *e)
+{
+	return P.cfg->domain != NULL ? P.cfg->domain : e->pe_domain;
+}
+
+/* ---- attribution helpers (DESIGN 3.5 R5) */
+
+/* e's mailbox logged in: a subject for later probes. */
+static void
+good_note(const struct pool_entry *e, uint64_t now)
+{
+	struct pool_good *g = &P.good[0];
+
+	if (g->pg_ms == 0 || !util_ieq(g->pg_mailbox, e->pe_mailbox) ||
+	    strcmp(g->pg_domain, e->pe_domain) != 0)
+		P.good[1] = P.good[0];
+	snprintf(g->pg_domain, sizeof(g->pg_domain), "%s", e->pe_domain);
+	snprintf(g->pg_mailbox, sizeof(g->pg_mailbox), "%s", e->pe_mailbox);
+	g->pg_ms = now;
+}
+
+/* A mailbox other than w's that logged in less than RETRY_EVIDENCE_MS
+ * ago, or NULL. */
+static const struct pool_good *
+good_pick(const struct pool_waiter *w, uint64_t now)
+{
+	size_t i;
+
+	for (i = 0; i < nitems(P.good); i++) {
+		const struct pool_good *g = &P.good[i];
+
+		if (g->pg_ms != 0 && now - g->pg_ms < RETRY_EVIDENCE_MS &&
+		    !util_ieq(g->pg_mailbox, w->pw_mailbox))
+			return g;
+	}
+	return NULL;
+}
+
+static struct pool_pref *
+pref_slot(const char *mailbox)
+{
+	return &P.pref[mb_hash(mailbox) % POOL_PREF_SLOTS];
+}
+
+/* The account to try first for mailbox, or (size_t)-1. */
+static size_t
+pref_admin(const char *mailbox)
+{
+	const struct pool_pref *p = pref_slot(mailbox);
+	size_t j;
+
+	if (p->pp_admin == NULL || p->pp_hash != mb_hash(mailbox))
+		return (size_t)-1;
+	for (j = 0; j < P.n_admins; j++)
+		if (util_ieq(P.admins[j]->pa_name, p->pp_admin))
+			return j;
+	return (size_t)-1;
+}
+
+static void
+pref_set(const char *mailbox, const char *admin)
+{
+	struct pool_pref *p = pref_slot(mailbox);
+
+	free(p->pp_admin);
+	p->pp_admin = admin != NULL ? xstrdup(admin) : NULL;
+	p->pp_hash = mb_hash(mailbox);
+}
+
+/* Refusals of w not yet charged go to a: the mailbox when w ends with
+ * AUTH, the account when another served it, else Exchange. */
+static void
+waiter_charge(struct pool_waiter *w, enum stats_attribution a)
+{
+	if (w->pw_refusals > 0)
+		stats_login_failure(a, w->pw_refusals);
+	w->pw_refusals = 0;
 }
 
 /*
@@ -600,6 +701,8 @@ waiter_fail(struct pool_waiter *w, enum pool_fail why, const char *reason)
 		TAILQ_REMOVE(&P.deliver, w, pw_link);
 	w->pw_state = PW_DELIVER;
 	w->pw_fail_why = why;
+	waiter_charge(w, why == POOL_FAIL_AUTH ? STATS_ATTR_MAILBOX :
+	    STATS_ATTR_EXCHANGE);
 	if (reason != w->pw_reason)
 		snprintf(w->pw_reason, sizeof(w->pw_reason), "%s", reason);
 	TAILQ_INSERT_TAIL(&P.deliver, w, pw_link);
@@ -655,39 +758,121 @@ waiter_attempt_cap(void)
 	    (unsigned)(P.n_admins < 64 ? P.n_admins : 64);
 }
 
+/* Every account that may log in for w refused its mailbox (transient or
+ * final); quarantined ones are skipped while another is usable. */
+static bool
+admins_all_refused(const struct pool_waiter *w, uint64_t now)
+{
+	uint64_t no = w->pw_admins_declined | w->pw_admins_refused;
+	bool any = admins_any_usable(now);
+	size_t i;
+
+	for (i = 0; i < P.n_admins && i < 64; i++) {
+		if ((no & bit(i)) != 0)
+			continue;
+		if (any && !retry_admin_usable(i, now))
+			continue;
+		return false;
+	}
+	return P.n_admins > 0;
+}
+
+enum attribution { ATTR_MAILBOX, ATTR_PROBE, ATTR_EXCHANGE, ATTR_UNKNOWN };
+
+#define POOL_EXPLAIN_MAILBOX \
+	"with every admin account while other mailboxes log in"
+
+/*
+ * Every account refused w's mailbox: whose fault is it (DESIGN 3.5 R5)?
+ * The mailbox's when every account that refused it has logged in another
+ * mailbox since (the accounts and Exchange work); Exchange's while the
+ * slowdown is on; otherwise, if some mailbox logged in less than
+ * RETRY_EVIDENCE_MS ago, one probe (a login of that mailbox with an
+ * account that refused w) decides; with no such evidence, unknown.
+ */
+static enum attribution
+attribute(struct pool_waiter *w, uint64_t now)
+{
+	uint64_t no = w->pw_admins_declined | w->pw_admins_refused;
+	bool after = true;
+	size_t i, first = (size_t)-1;
+
+	if (retry_slowdown())
+		return ATTR_EXCHANGE;
+	for (i = 0; i < P.n_admins && i < 64; i++) {
+		if ((no & bit(i)) == 0)
+			continue;
+		if (retry_admin_last_ok(i) == 0 ||
+		    retry_admin_last_ok(i) < w->pw_first_refusal_ms) {
+			after = false;
+			if (first == (size_t)-1)
+				first = i;
+		}
+	}
+	if (after)
+		return ATTR_MAILBOX;
+	if (!retry_recent_success(now))
+		return ATTR_UNKNOWN;
+	if (w->pw_probe == PROBE_NONE && good_pick(w, now) != NULL &&
+	    first != (size_t)-1) {
+		w->pw_probe_admin = first;
+		return ATTR_PROBE;
+	}
+	return ATTR_UNKNOWN;
+}
+
+/* w's mailbox is at fault: AUTH, cached, its refusals taken back out of
+ * the accounts' and Exchange's records. */
+static void
+waiter_final(struct pool_waiter *w, const char *why, const char *explain)
+{
+	uint64_t now = pool_now();
+	char mb[80];
+
+	retry_negcache_add(waiter_domain(w), w->pw_mailbox, now);
+	retry_mailbox_at_fault(waiter_domain(w), w->pw_mailbox);
+	log_info("pool_mailbox_refused", "mailbox=%s attribution=mailbox "
+	    "refusals=%u attempts=%u evidence=\"%s\" cached_ms=%llu",
+	    lv(mb, sizeof(mb), w->pw_mailbox), w->pw_refusals,
+	    w->pw_attempts, why,
+	    (unsigned long long)P.cfg->negative_cache_ttl_ms);
+	snprintf(w->pw_explain, sizeof(w->pw_explain), "%s", explain);
+	waiter_fail(w, POOL_FAIL_AUTH, w->pw_reason);
+}
+
+static const char *
+class_name(enum retry_class c)
+{
+	return c == RETRY_SERVER ? "server" : c == RETRY_LOGIN ? "login" :
+	    "final";
+}
+
 /*
  * A new login failed before ready (w: the waiter it was for, or NULL when
- * that one left).  Kept in one function: retry.c classifies, this applies.
+ * that one left).  Kept in one function: retry.c classifies and keeps the
+ * evidence, this applies it (DESIGN 3.5 R2-R5).
  *
  *   RETRY_SERVER  the server is at fault: its health counts the failure;
  *                 w retries on a server that has not failed it, after a
  *                 backoff, until every server failed it (or those left
  *                 are down): POOL_FAIL_UNAVAILABLE with the last reason.
- *   RETRY_LOGIN   transient refusal: the admin's record counts it; w
- *                 retries on a fresh connection, another server and admin
- *                 where possible, after a backoff, login_attempts tries in
- *                 all: then POOL_FAIL_UNAVAILABLE.
- *   RETRY_FINAL   the mailbox was refused: w retries at once with an
- *                 admin that has not refused it; when none is left,
- *                 POOL_FAIL_AUTH and the negative cache.  It counts
- *                 towards the slowdown only; towards the admin's
- *                 quarantine once another admin logs in for w.
+ *   RETRY_LOGIN   transient refusal ("NO LOGIN failed." ...): evidence
+ *                 against the account and the mailbox; w retries on a
+ *                 fresh connection, another server and admin where
+ *                 possible, after a backoff.  Once every account refused
+ *                 it, attribute() decides: the mailbox (POOL_FAIL_AUTH,
+ *                 cached), a probe, or go on: login_attempts tries in all,
+ *                 then POOL_FAIL_REFUSED.
+ *   RETRY_FINAL   "[AUTHENTICATIONFAILED]" or another refusal: w retries
+ *                 at once with an admin that has not refused it; none
+ *                 left: POOL_FAIL_AUTH and the negative cache.
+ *   a probe       (e->pe_probe: another mailbox, for w) failed: nothing
+ *                 shows w's mailbox at fault; w goes on as RETRY_LOGIN
+ *                 with no further probe.
  *
  * Only changes state and asks for a tick: we are inside an upstream
  * callback.
  */
-/* True when w has had a login tried with every configured admin. */
-static bool
-admins_all_tried(const struct pool_waiter *w)
-{
-	size_t i;
-
-	for (i = 0; i < P.n_admins && i < 64; i++)
-		if ((w->pw_admins_tried & bit(i)) == 0)
-			return false;
-	return true;
-}
-
 static void
 pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
     enum up_fail why, const char *reason)
@@ -698,52 +883,114 @@ pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
 	struct retry_verdict v;
 	uint64_t now = pool_now(), delay = 0;
 	const char *end = NULL;
-	enum pool_fail fail = POOL_FAIL_UNAVAILABLE;
+	enum pool_fail fail = POOL_FAIL_REFUSED;
+	enum retry_class cls;
 	char mb[80], rv[300], srv[300];
 	size_t i;
 
 	retry_classify(cfg, why, reason, &v);
-	switch (v.rv_class) {
-	case RETRY_SERVER:
+	cls = v.rv_class;
+	if (cls == RETRY_SERVER) {
 		retry_server_failed(e->pe_server, reason, now);
-		break;
-	case RETRY_LOGIN:
+		stats_login_failure(STATS_ATTR_SERVER, 1);
+	} else {
 		/* The server answered: as an endpoint it works. */
 		retry_server_ok(e->pe_server);
-		retry_admin_result(ai, false, now);
-		break;
-	case RETRY_FINAL:
-	default:
-		retry_server_ok(e->pe_server);
-		retry_admin_refused(ai, now);
-		break;
+		retry_login_refused(ai, entry_domain(e), e->pe_mailbox, now);
+		if (pref_admin(e->pe_mailbox) == ai)
+			pref_set(e->pe_mailbox, NULL);
+		if (w == NULL)
+			stats_login_failure(STATS_ATTR_EXCHANGE, 1);
 	}
 	if (w == NULL)
 		return;
+	if (cls != RETRY_SERVER)
+		w->pw_refusals++;
+	if (e->pe_probe) {
+		/* Its mailbox worked a moment ago and fails now: the
+		 * account or Exchange, not (provably) w's mailbox. */
+		w->pw_probe = PROBE_DONE;
+		log_info("pool_probe_failed", "entry=%llu mailbox=%s for=%s "
+		    "admin=%s class=%s reason=%s", (unsigned long long)e->pe_id,
+		    lv(srv, sizeof(srv), e->pe_mailbox),
+		    lv(mb, sizeof(mb), w->pw_mailbox), a->pa_name,
+		    class_name(cls), lv(rv, sizeof(rv), reason));
+		if (cls == RETRY_SERVER)
+			w->pw_servers_failed |= bit(e->pe_server);
+		if (w->pw_attempts >= cfg->login_attempts) {
+			snprintf(w->pw_explain, sizeof(w->pw_explain), "with "
+			    "every admin account, and a mailbox that logged "
+			    "in recently failed too");
+			waiter_fail(w, cls == RETRY_SERVER ?
+			    POOL_FAIL_UNAVAILABLE : POOL_FAIL_REFUSED,
+			    w->pw_reason);
+			return;
+		}
+		w->pw_not_before_ms = now + retry_backoff_ms(cfg,
+		    w->pw_attempts, retry_rand());
+		pool_kick();
+		return;
+	}
 	snprintf(w->pw_reason, sizeof(w->pw_reason), "%s", reason);
-	switch (v.rv_class) {
+	if (cls != RETRY_SERVER && w->pw_first_refusal_ms == 0)
+		w->pw_first_refusal_ms = now;
+	switch (cls) {
 	case RETRY_SERVER:
+		if (why != UP_FAIL_CONNECT && why != UP_FAIL_TIMEOUT)
+			w->pw_server_answered = true;
 		w->pw_servers_failed |= bit(e->pe_server);
 		for (i = 0; i < cfg->n_servers && i < 64; i++)
 			if ((w->pw_servers_failed & bit(i)) == 0)
 				break;
-		if (i == cfg->n_servers || i == 64)
+		if (i == cfg->n_servers || i == 64) {
 			end = "every server failed";
+			fail = POOL_FAIL_UNAVAILABLE;
+			snprintf(w->pw_explain, sizeof(w->pw_explain), "%s",
+			    w->pw_server_answered ? "No Exchange server would "
+			    "take a session" : "Exchange is not reachable");
+		}
 		delay = retry_backoff_ms(cfg, w->pw_attempts, retry_rand());
 		break;
 	case RETRY_LOGIN:
-		if (w->pw_attempts >= cfg->login_attempts)
-			end = "login attempts spent";
-		/* Every admin refused this mailbox while logins elsewhere
-		 * succeed: not Exchange being busy but this mailbox (no
-		 * FullAccess, no such alias): final (DESIGN 3.5). */
-		if (end != NULL && admins_all_tried(w) &&
-		    retry_login_not_before(now) <= now) {
-			end = "refused with every admin account";
-			fail = POOL_FAIL_AUTH;
-			retry_negcache_add(waiter_domain(w), w->pw_mailbox, now);
-		}
+		w->pw_admins_declined |= bit(ai);
 		delay = retry_backoff_ms(cfg, w->pw_attempts, retry_rand());
+		if (admins_all_refused(w, now))
+			switch (attribute(w, now)) {
+			case ATTR_MAILBOX:
+				waiter_final(w, "every account that refused "
+				    "it logged in another mailbox since",
+				    POOL_EXPLAIN_MAILBOX);
+				return;
+			case ATTR_PROBE:
+				w->pw_probe = PROBE_PENDING;
+				delay = 0;
+				log_info("pool_probe", "mailbox=%s admin=%s "
+				    "reason=\"refused with every admin "
+				    "account: a mailbox that logged in "
+				    "recently tells whose fault it is\"",
+				    lv(mb, sizeof(mb), w->pw_mailbox),
+				    P.admins[w->pw_probe_admin]->pa_name);
+				break;
+			case ATTR_EXCHANGE:
+				snprintf(w->pw_explain, sizeof(w->pw_explain),
+				    "with every admin account, as other "
+				    "mailboxes are");
+				break;
+			case ATTR_UNKNOWN:
+			default:
+				snprintf(w->pw_explain, sizeof(w->pw_explain),
+				    "with every admin account, and no login "
+				    "succeeded recently to tell a missing "
+				    "mailbox from an Exchange problem");
+				break;
+			}
+		if (w->pw_probe != PROBE_PENDING &&
+		    w->pw_attempts >= cfg->login_attempts) {
+			end = "login attempts spent";
+			if (w->pw_explain[0] == '\0')
+				snprintf(w->pw_explain, sizeof(w->pw_explain),
+				    "%u times", w->pw_attempts);
+		}
 		break;
 	case RETRY_FINAL:
 	default: {
@@ -754,9 +1001,12 @@ pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
 			if (admin_eligible(w, i, any, now))
 				break;
 		if (i == P.n_admins) {
-			end = "refused with every admin account";
-			fail = POOL_FAIL_AUTH;
-			retry_negcache_add(waiter_domain(w), w->pw_mailbox, now);
+			/* Exchange's own words say the mailbox: no evidence
+			 * needed (one try per account). */
+			waiter_final(w, "refused with every admin account, "
+			    "not as a transient failure", "with every admin "
+			    "account");
+			return;
 		}
 		break;
 	}
@@ -766,12 +1016,12 @@ pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
 	if (end != NULL) {
 		log_info("pool_login_failed", "entry=%llu mailbox=%s admin=%s "
 		    "server=%s class=%s label=%s attempts=%u end=\"%s\" "
-		    "reason=%s", (unsigned long long)e->pe_id,
+		    "attribution=%s reason=%s", (unsigned long long)e->pe_id,
 		    lv(mb, sizeof(mb), w->pw_mailbox), a->pa_name,
-		    entry_server(e, srv, sizeof(srv)),
-		    v.rv_class == RETRY_SERVER ? "server" :
-		    v.rv_class == RETRY_LOGIN ? "login" : "final", v.rv_label,
-		    w->pw_attempts, end, lv(rv, sizeof(rv), reason));
+		    entry_server(e, srv, sizeof(srv)), class_name(cls),
+		    v.rv_label, w->pw_attempts, end,
+		    fail == POOL_FAIL_UNAVAILABLE ? "server" : "exchange",
+		    lv(rv, sizeof(rv), reason));
 		waiter_fail(w, fail, w->pw_reason);
 		return;
 	}
@@ -780,10 +1030,8 @@ pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
 	log_info("pool_retry", "entry=%llu mailbox=%s admin=%s server=%s "
 	    "class=%s label=%s attempt=%u backoff_ms=%llu reason=%s",
 	    (unsigned long long)e->pe_id, lv(mb, sizeof(mb), w->pw_mailbox),
-	    a->pa_name, entry_server(e, srv, sizeof(srv)),
-	    v.rv_class == RETRY_SERVER ? "server" :
-	    v.rv_class == RETRY_LOGIN ? "login" : "final", v.rv_label,
-	    w->pw_attempts, (unsigned long long)delay,
+	    a->pa_name, entry_server(e, srv, sizeof(srv)), class_name(cls),
+	    v.rv_label, w->pw_attempts, (unsigned long long)delay,
 	    lv(rv, sizeof(rv), reason));
 	pool_kick();		/* stays queued; serve_open opens the next */
 }
@@ -802,18 +1050,35 @@ pool_up_ready_cb(void *arg)
 	stats_upstream_login(STATS_LOGIN_OK);
 	w = e->pe_waiter;
 	retry_server_ok(e->pe_server);
-	if (!e->pe_admin->pa_removed) {
-		uint64_t now = pool_now();
-		size_t i;
+	good_note(e, pool_now());
+	retry_login_ok(e->pe_admin->pa_removed ? (size_t)-1 :
+	    e->pe_admin->pa_index, entry_domain(e), e->pe_mailbox, pool_now());
+	if (w != NULL && e->pe_probe) {
+		char mb[80], mb2[80];
 
-		/* Admins that refused this mailbox while this one did not:
-		 * the refusal was the account's, not the mailbox's. */
-		if (w != NULL)
-			for (i = 0; i < P.n_admins && i < 64; i++)
-				if ((w->pw_admins_refused & bit(i)) != 0 &&
-				    i != e->pe_admin->pa_index)
-					retry_admin_result(i, false, now);
-		retry_admin_result(e->pe_admin->pa_index, true, now);
+		/* The probe's mailbox logs in with an account that refused
+		 * w's: the accounts and Exchange work, w's mailbox does
+		 * not (DESIGN 3.5 R5).  The session stays in the pool. */
+		log_info("pool_probe_ok", "entry=%llu mailbox=%s for=%s "
+		    "admin=%s", (unsigned long long)e->pe_id,
+		    lv(mb, sizeof(mb), e->pe_mailbox),
+		    lv(mb2, sizeof(mb2), w->pw_mailbox), e->pe_admin->pa_name);
+		w->pw_probe = PROBE_DONE;
+		e->pe_waiter = NULL;
+		w->pw_entry = NULL;
+		waiter_final(w, "a mailbox that logged in recently logs in "
+		    "with an account that refused this one",
+		    POOL_EXPLAIN_MAILBOX);
+		w = NULL;
+	} else if (w != NULL && !e->pe_admin->pa_removed &&
+	    ((w->pw_admins_declined | w->pw_admins_refused) &
+	    ~bit(e->pe_admin->pa_index)) != 0) {
+		/* Another account refused this mailbox and this one
+		 * serves it (no FullAccess for the other?): this one
+		 * first for it from now on; those refusals were the
+		 * other account's. */
+		pref_set(e->pe_mailbox, e->pe_admin->pa_name);
+		waiter_charge(w, STATS_ATTR_ADMIN);
 	}
 	if (w == NULL) {
 		/* Its waiter left: the first one queued for this mailbox that
@@ -846,8 +1111,8 @@ pool_up_failed_cb(void *arg, enum up_fail why, const char *reason)
 	stats_upstream_login(why == UP_FAIL_LOGIN ? STATS_LOGIN_REFUSED :
 	    STATS_LOGIN_ERROR);
 	entry_mark_closing(e);		/* the upstream closes itself */
-	if (w != NULL)
-		pool_login_failed(w, e, why, reason != NULL ? reason : "");
+	/* Without a waiter too: the evidence counts (R5, R6). */
+	pool_login_failed(w, e, why, reason != NULL ? reason : "");
 }
 
 static void
@@ -940,7 +1205,8 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	struct upstream *u;
 	uint64_t tok_at = UINT64_MAX, nb;
 	bool room = false, any, best_new = false, is_new;
-	size_t i, j, bi = 0, server;
+	size_t i, j, bi = 0, server, pref;
+	const struct pool_good *probe = NULL;
 	char mb[80];
 
 	if (P.total >= cfg->session_budget || P.n_admins == 0)
@@ -951,13 +1217,21 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 			*next = nb;
 		return OPEN_NO_TOKEN;
 	}
+	/* A probe (R5): the account it is for, a mailbox that worked. */
+	if (w->pw_probe == PROBE_PENDING &&
+	    (w->pw_probe_admin >= P.n_admins ||
+	    (probe = good_pick(w, now)) == NULL))
+		w->pw_probe = PROBE_DONE;	/* its subject is gone: none */
 	/* Not quarantined (unless all are), not refused for this mailbox;
-	 * an account not yet tried for w first, then the most free. */
+	 * the account that served it after another refused it first, then
+	 * an account not yet tried for w, then the most free. */
+	pref = w->pw_attempts == 0 ? pref_admin(w->pw_mailbox) : (size_t)-1;
 	any = admins_any_usable(now);
 	for (i = 0; i < P.n_admins; i++) {
 		j = (P.rr + i) % P.n_admins;
 		a = P.admins[j];
-		if (!admin_eligible(w, j, any, now))
+		if (probe != NULL ? j != w->pw_probe_admin :
+		    !admin_eligible(w, j, any, now))
 			continue;
 		if (a->pa_sessions >= a->pa_max)
 			continue;
@@ -970,6 +1244,11 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 			continue;
 		}
 		is_new = (w->pw_admins_tried & bit(j)) == 0;
+		if (j == pref && retry_admin_usable(j, now)) {
+			best = a;
+			bi = j;
+			break;
+		}
 		if (best == NULL || (is_new && !best_new) ||
 		    (is_new == best_new && a->pa_max - a->pa_sessions >
 		    best->pa_max - best->pa_sessions)) {
@@ -1012,6 +1291,18 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 		log_info("pool_no_server", "mailbox=%s attempts=%u reason=%s",
 		    lv(mb, sizeof(mb), w->pw_mailbox), w->pw_attempts,
 		    lv(rv, sizeof(rv), w->pw_reason));
+		if (w->pw_refusals > 0) {
+			/* Refused where it got an answer. */
+			if (w->pw_explain[0] == '\0')
+				snprintf(w->pw_explain, sizeof(w->pw_explain),
+				    "%s", "and no other Exchange server can be "
+				    "used now");
+			waiter_fail(w, POOL_FAIL_REFUSED, w->pw_reason);
+			return OPEN_FAILED;
+		}
+		snprintf(w->pw_explain, sizeof(w->pw_explain), "%s",
+		    w->pw_server_answered ? "No Exchange server would take a "
+		    "session" : "Exchange is not reachable");
 		waiter_fail(w, POOL_FAIL_UNAVAILABLE, w->pw_reason[0] != '\0' ?
 		    w->pw_reason : "no upstream server is usable");
 		return OPEN_FAILED;
@@ -1026,8 +1317,14 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	e->pe_id = ++P.next_id;
 	e->pe_admin = best;
 	e->pe_server = server;
-	snprintf(e->pe_mailbox, sizeof(e->pe_mailbox), "%s", w->pw_mailbox);
-	snprintf(e->pe_domain, sizeof(e->pe_domain), "%s", w->pw_domain);
+	snprintf(e->pe_mailbox, sizeof(e->pe_mailbox), "%s", probe != NULL ?
+	    probe->pg_mailbox : w->pw_mailbox);
+	snprintf(e->pe_domain, sizeof(e->pe_domain), "%s", probe != NULL ?
+	    probe->pg_domain : w->pw_domain);
+	if (probe != NULL) {
+		e->pe_probe = true;
+		w->pw_probe = PROBE_RUNNING;
+	}
 	e->pe_mbhash = mb_hash(e->pe_mailbox);
 	e->pe_started_ms = now;
 	e->pe_last_used_ms = now;
@@ -1055,6 +1352,8 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 		w->pw_entry = NULL;
 		free(e);
 		P.logins_failed++;
+		snprintf(w->pw_explain, sizeof(w->pw_explain), "imapshim "
+		    "could not start an upstream session");
 		waiter_fail(w, POOL_FAIL_UNAVAILABLE,
 		    "cannot start an upstream session");
 		return OPEN_FAILED;
@@ -1103,6 +1402,8 @@ fail_all_down(struct pool_waiter *w)
 			break;
 	snprintf(buf, sizeof(buf), "every upstream server is down (%s)",
 	    *last != '\0' ? last : "no reason known");
+	snprintf(w->pw_explain, sizeof(w->pw_explain), "Every Exchange server "
+	    "is marked down");
 	waiter_fail(w, POOL_FAIL_UNAVAILABLE, buf);
 }
 
@@ -1238,6 +1539,26 @@ expire_waiters(uint64_t now, uint64_t *next)
 		    "sessions=%u budget=%u", lv(mb, sizeof(mb), w->pw_mailbox),
 		    (unsigned long long)(now - w->pw_since_ms), P.total,
 		    P.cfg->session_budget);
+		if (w->pw_entry != NULL &&
+		    w->pw_entry->pe_state == PE_LOGIN)
+			snprintf(w->pw_explain, sizeof(w->pw_explain),
+			    "Exchange did not answer the login in time");
+		else if (retry_slowdown())
+			snprintf(w->pw_explain, sizeof(w->pw_explain),
+			    "new logins are slowed down while Exchange "
+			    "refuses every admin account");
+		else if (P.total >= P.cfg->session_budget)
+			snprintf(w->pw_explain, sizeof(w->pw_explain),
+			    "the session budget is full (%u of %u sessions "
+			    "in use)", P.total, P.cfg->session_budget);
+		else if (w->pw_reason[0] != '\0') {
+			/* Still retrying: the last failure says why. */
+			snprintf(w->pw_explain, sizeof(w->pw_explain),
+			    "the last login failed (%.100s)", w->pw_reason);
+		} else
+			snprintf(w->pw_explain, sizeof(w->pw_explain),
+			    "every admin account is at max_sessions or its "
+			    "login rate");
 		waiter_fail(w, POOL_FAIL_TIMEOUT, "no upstream session became "
 		    "available within queue_timeout");
 	}
@@ -1258,6 +1579,8 @@ deliver(void)
 		w->pw_state = PW_NONE;
 		w->pw_queued = false;
 		if (e != NULL) {
+			/* Refused by some account, served all the same. */
+			waiter_charge(w, STATS_ATTR_ADMIN);
 			w->pw_entry = NULL;
 			e->pe_waiter = NULL;
 			entry_set_state(e, PE_LEASED);
@@ -1462,6 +1785,11 @@ pool_shutdown(void)
 		event_free(D.timer);
 		D.timer = NULL;
 	}
+	for (i = 0; i < POOL_PREF_SLOTS; i++) {
+		free(P.pref[i].pp_admin);
+		P.pref[i].pp_admin = NULL;
+	}
+	memset(P.good, 0, sizeof(P.good));
 	retry_shutdown();
 	log_info("pool_shutdown", "sessions=%u", P.total);
 }
@@ -1484,6 +1812,13 @@ pool_acquire(struct pool_waiter *w)
 	w->pw_admins_refused = 0;
 	w->pw_last_server = (size_t)-1;
 	w->pw_not_before_ms = 0;
+	w->pw_explain[0] = '\0';
+	w->pw_admins_declined = 0;
+	w->pw_first_refusal_ms = 0;
+	w->pw_refusals = 0;
+	w->pw_server_answered = false;
+	w->pw_probe = PROBE_NONE;
+	w->pw_probe_admin = (size_t)-1;
 	w->pw_state = PW_QUEUED;
 	w->pw_queued = true;
 	TAILQ_INSERT_TAIL(&P.queue, w, pw_link);
@@ -1494,8 +1829,10 @@ pool_acquire(struct pool_waiter *w)
 
 		log_info("pool_negcache_hit", "mailbox=%s",
 		    lv(mb, sizeof(mb), w->pw_mailbox));
-		waiter_fail(w, POOL_FAIL_AUTH, "this mailbox was refused "
-		    "recently (negative cache)");
+		snprintf(w->pw_explain, sizeof(w->pw_explain), "with every "
+		    "admin account less than negative_cache_ttl ago");
+		waiter_fail(w, POOL_FAIL_AUTH, "answered from the negative "
+		    "cache");
 		return;
 	}
 	pool_kick();
@@ -1516,6 +1853,7 @@ pool_cancel(struct pool_waiter *w)
 	w->pw_state = PW_NONE;
 	w->pw_queued = false;
 	w->pw_entry = NULL;
+	waiter_charge(w, STATS_ATTR_EXCHANGE);	/* nothing more to learn */
 	if (e != NULL) {
 		/* A login or check goes on for the pool. */
 		e->pe_waiter = NULL;

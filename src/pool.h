@@ -33,10 +33,15 @@ struct config;
 struct event_base;
 struct evdns_base;
 
+/* Why a waiter failed; pw_explain says more in words (DESIGN 3.5 R5,
+ * the client's texts). */
 enum pool_fail {
 	POOL_FAIL_TIMEOUT,	/* queue_timeout passed: "NO [UNAVAILABLE]" */
-	POOL_FAIL_UNAVAILABLE,	/* every server failed: "NO [UNAVAILABLE]" */
+	POOL_FAIL_UNAVAILABLE,	/* no server could be used: "NO [UNAVAILABLE]" */
 	POOL_FAIL_AUTH,		/* Exchange refused this mailbox: "NO [AUTHENTICATIONFAILED]" */
+	POOL_FAIL_REFUSED,	/* Exchange answered but refused the login, not
+				 * (provably) for this mailbox's sake:
+				 * "NO [UNAVAILABLE]" */
 	POOL_FAIL_COUNT
 };
 
@@ -68,7 +73,12 @@ struct pool_waiter {
 	TAILQ_ENTRY(pool_waiter) pw_link;
 	int pw_state;			/* idle, queued, or result pending */
 	enum pool_fail pw_fail_why;	/* result pending: the failure */
-	char pw_reason[256];		/* its reason (last server failure) */
+	char pw_reason[256];		/* its reason: Exchange's words or the
+					 * last server failure */
+	/* Read by the failed callback: what happened, in words for the
+	 * client ("with every admin account while other mailboxes log
+	 * in", "the session budget is full" ...); "" if nothing to add. */
+	char pw_explain[160];
 	/* Retries (retry.c), for this pool_acquire() only.  Bit i stands
 	 * for index i of cfg->servers / cfg->admins (up to 64). */
 	unsigned pw_attempts;		/* logins started for it */
@@ -77,6 +87,13 @@ struct pool_waiter {
 	uint64_t pw_admins_refused;	/* admins that refused it (RETRY_FINAL) */
 	size_t pw_last_server;		/* of its last login, or (size_t)-1 */
 	uint64_t pw_not_before_ms;	/* backoff: no new login before */
+	/* Attribution (DESIGN 3.5 R5). */
+	uint64_t pw_admins_declined;	/* admins that refused it transiently */
+	uint64_t pw_first_refusal_ms;	/* 0: none yet */
+	unsigned pw_refusals;		/* refusals not yet charged (metrics) */
+	bool pw_server_answered;	/* a server failure past TCP connect */
+	int pw_probe;			/* none, pending, running, done */
+	size_t pw_probe_admin;
 };
 
 /*
@@ -129,10 +146,11 @@ void pool_shutdown(void);
  * A mailbox in retry.c's negative cache fails with POOL_FAIL_AUTH (from
  * the next tick).  Failed logins are retried per DESIGN.md 3.5 (see
  * pool_login_failed in pool.c): w fails with POOL_FAIL_UNAVAILABLE when
- * every server failed for it, every server is down, or login_attempts
- * transient refusals are spent; with POOL_FAIL_AUTH when every usable
- * admin account refused the mailbox; with POOL_FAIL_TIMEOUT at
- * queue_timeout.
+ * every server failed for it or every server is down; with
+ * POOL_FAIL_REFUSED when login_attempts refusals are spent and the
+ * mailbox is not shown to be at fault; with POOL_FAIL_AUTH when every
+ * usable admin account refused the mailbox and the evidence charges the
+ * mailbox (R5); with POOL_FAIL_TIMEOUT at queue_timeout.
  */
 void pool_acquire(struct pool_waiter *w);
 /* Forget a queued waiter (client gone); a login started for it is kept

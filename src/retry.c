@@ -262,13 +262,25 @@ struct retry_server {
 	char rs_last[256];		/* last failure reason */
 };
 
+/* Mailboxes refused since a success, by key hash (see mb_key_hash);
+ * oldest first, the oldest dropped beyond RETRY_MB_TRACK. */
+#define RETRY_MB_TRACK 8
+
+struct retry_mbset {
+	uint32_t ms_hash[RETRY_MB_TRACK];
+	uint64_t ms_admins[RETRY_MB_TRACK];	/* accounts that refused it */
+	unsigned ms_n;
+};
+
 struct retry_admin {
 	char *ra_name;
-	unsigned ra_fails;		/* consecutive */
+	unsigned ra_fails;		/* refusals since its last success */
 	uint64_t ra_streak_ms;		/* first failure of the run */
+	struct retry_mbset ra_mb;	/* different mailboxes among them */
 	bool ra_has_ok;
 	uint64_t ra_last_ok_ms;
 	bool ra_quarantined;		/* set until its next success */
+	bool ra_release_logged;		/* its cooldown's end was logged */
 	uint64_t ra_until;
 };
 
@@ -300,10 +312,18 @@ static struct {
 	uint64_t backoff_initial_ms;
 	uint64_t backoff_max_ms;
 
-	/* The all-accounts slowdown. */
+	/* Exchange as a whole (the all-accounts slowdown): refusals since
+	 * the last successful login of any account, and of which mailboxes
+	 * by which accounts. */
 	unsigned g_fails;
+	unsigned g_fails_at_slow;	/* g_fails when the slowdown began */
+	struct retry_mbset g_mb;
 	uint64_t g_not_before;
 	bool g_slow;
+	uint64_t g_slow_since;
+	bool g_has_ok;
+	uint64_t g_last_ok_ms;
+	uint32_t g_anon;		/* next key for a refusal of no mailbox */
 
 	struct retry_neg_list neg_age;
 	struct retry_neg_bucket neg[RETRY_NEG_BUCKETS];
@@ -540,50 +560,155 @@ retry_all_servers_down(uint64_t now_ms)
 	return true;
 }
 
-/* ------------------------------------------------------------ admins */
+/* ------------------------------------------------------------ attribution */
 
-static unsigned
-slow_after(void)
+/* The mailbox key's hash, as the negative cache spells it; NULL mailbox:
+ * a refusal whose mailbox is not known (old callers, tests), a key of its
+ * own each time. */
+static uint32_t
+mb_key_hash(const char *domain, const char *mailbox)
 {
-	return R.n_admins > RETRY_SLOW_AFTER ? (unsigned)R.n_admins :
-	    RETRY_SLOW_AFTER;
+	uint32_t h = 2166136261u;
+	const char *p;
+
+	if (mailbox == NULL)
+		return 0x80000000u | (R.g_anon++ & 0x7fffffffu);
+	for (p = domain != NULL ? domain : ""; *p != '\0'; p++)
+		h = (h ^ (uint8_t)lower(*p)) * 16777619u;
+	h = (h ^ (uint8_t)'\n') * 16777619u;
+	for (p = mailbox; *p != '\0'; p++)
+		h = (h ^ (uint8_t)lower(*p)) * 16777619u;
+	return h & 0x7fffffffu;		/* never an anonymous key */
 }
 
-/* One more failed login, whatever the account: the slowdown. */
-static void
-global_failed(uint64_t now)
+static uint64_t
+admin_bit(size_t admin)
 {
-	unsigned thr = slow_after();
+	return admin < 64 ? (uint64_t)1 << admin : 0;
+}
+
+/* Note that admin refused mailbox h. */
+static void
+mbset_add(struct retry_mbset *s, uint32_t h, size_t admin)
+{
+	unsigned i;
+
+	for (i = 0; i < s->ms_n; i++)
+		if (s->ms_hash[i] == h) {
+			s->ms_admins[i] |= admin_bit(admin);
+			return;
+		}
+	if (s->ms_n == RETRY_MB_TRACK) {
+		memmove(&s->ms_hash[0], &s->ms_hash[1],
+		    (RETRY_MB_TRACK - 1) * sizeof(s->ms_hash[0]));
+		memmove(&s->ms_admins[0], &s->ms_admins[1],
+		    (RETRY_MB_TRACK - 1) * sizeof(s->ms_admins[0]));
+		s->ms_n--;
+	}
+	s->ms_hash[s->ms_n] = h;
+	s->ms_admins[s->ms_n] = admin_bit(admin);
+	s->ms_n++;
+}
+
+static void
+mbset_remove(struct retry_mbset *s, uint32_t h)
+{
+	unsigned i;
+
+	for (i = 0; i < s->ms_n; i++)
+		if (s->ms_hash[i] == h) {
+			memmove(&s->ms_hash[i], &s->ms_hash[i + 1],
+			    (s->ms_n - i - 1) * sizeof(s->ms_hash[0]));
+			memmove(&s->ms_admins[i], &s->ms_admins[i + 1],
+			    (s->ms_n - i - 1) * sizeof(s->ms_admins[0]));
+			s->ms_n--;
+			return;
+		}
+}
+
+static uint64_t
+mbset_admins(const struct retry_mbset *s)
+{
+	uint64_t m = 0;
+	unsigned i;
+
+	for (i = 0; i < s->ms_n; i++)
+		m |= s->ms_admins[i];
+	return m;
+}
+
+/* Every configured account (up to 64) is in mask. */
+static bool
+all_admins_in(uint64_t mask)
+{
+	size_t j;
+
+	for (j = 0; j < R.n_admins && j < 64; j++)
+		if ((mask & admin_bit(j)) == 0)
+			return false;
+	return R.n_admins > 0;
+}
+
+/* One more refusal; the slowdown starts when the refusals since the last
+ * success name RETRY_SLOW_AFTER different mailboxes and every account
+ * refused some of them (DESIGN 3.5 R6). */
+static void
+global_failed(uint32_t h, size_t admin, uint64_t now)
+{
 	uint64_t d;
 
 	if (R.g_fails < UINT32_MAX)
 		R.g_fails++;
-	if (R.g_fails < thr)
-		return;
-	d = backoff(R.backoff_initial_ms, R.backoff_max_ms,
-	    R.g_fails - thr + 1, retry_rand());
-	R.g_not_before = now + d;
+	mbset_add(&R.g_mb, h, admin);
 	if (!R.g_slow) {
+		if (R.g_mb.ms_n < RETRY_SLOW_AFTER ||
+		    !all_admins_in(mbset_admins(&R.g_mb)))
+			return;
 		R.g_slow = true;
-		log_warn("retry_login_slowdown", "failures=%u next_in_ms=%llu "
-		    "reason=\"logins of every admin account are failing\"",
-		    R.g_fails, (unsigned long long)d);
+		R.g_slow_since = now;
+		R.g_fails_at_slow = R.g_fails;
+	}
+	d = backoff(R.backoff_initial_ms, R.backoff_max_ms,
+	    R.g_fails - R.g_fails_at_slow + 1, retry_rand());
+	R.g_not_before = now + d;
+	if (R.g_fails == R.g_fails_at_slow) {
+		char last[40];
+
+		if (R.g_has_ok)
+			snprintf(last, sizeof(last), "%llu",
+			    (unsigned long long)(now - R.g_last_ok_ms));
+		else
+			snprintf(last, sizeof(last), "none");
+		log_warn("retry_login_slowdown", "attribution=exchange "
+		    "failures=%u mailboxes=%u accounts=%zu "
+		    "last_success_ms_ago=%s next_in_ms=%llu reason=\"logins "
+		    "of different mailboxes are refused with every admin "
+		    "account and none succeeds\"", R.g_fails, R.g_mb.ms_n,
+		    R.n_admins, last, (unsigned long long)d);
 	}
 }
 
 static void
-global_ok(void)
+global_ok(uint64_t now)
 {
 	if (R.g_slow)
-		log_info("retry_login_slowdown_end", "failures=%u", R.g_fails);
+		log_info("retry_login_slowdown_end", "attribution=exchange "
+		    "failures=%u mailboxes=%u duration_ms=%llu "
+		    "reason=\"a login succeeded\"", R.g_fails, R.g_mb.ms_n,
+		    (unsigned long long)(now - R.g_slow_since));
 	R.g_slow = false;
 	R.g_fails = 0;
+	R.g_fails_at_slow = 0;
+	R.g_mb.ms_n = 0;
 	R.g_not_before = 0;
+	R.g_has_ok = true;
+	R.g_last_ok_ms = now;
 }
 
-/* Another account logged in since a's run of failures began, recently. */
+/* Another account logged in since a's run of failures began, recently;
+ * its index in *other_r. */
 static bool
-other_admin_ok(size_t admin, uint64_t now)
+other_admin_ok(size_t admin, uint64_t now, size_t *other_r)
 {
 	const struct retry_admin *a = &R.admins[admin];
 	size_t j;
@@ -594,54 +719,96 @@ other_admin_ok(size_t admin, uint64_t now)
 		if (j == admin || !o->ra_has_ok)
 			continue;
 		if (o->ra_last_ok_ms >= a->ra_streak_ms &&
-		    now - o->ra_last_ok_ms < R.admin_cooldown_ms)
+		    now - o->ra_last_ok_ms < R.admin_cooldown_ms) {
+			*other_r = j;
 			return true;
+		}
 	}
 	return false;
 }
 
 void
-retry_admin_result(size_t admin, bool ok, uint64_t now_ms)
+retry_login_ok(size_t admin, const char *domain, const char *mailbox,
+    uint64_t now_ms)
 {
 	struct retry_admin *a;
 
+	(void)domain;
+	(void)mailbox;
+	global_ok(now_ms);
 	if (admin >= R.n_admins)
 		return;
 	a = &R.admins[admin];
-	if (ok) {
-		if (a->ra_quarantined)
-			log_info("retry_admin_recovered", "admin=%s",
-			    a->ra_name);
-		a->ra_quarantined = false;
-		a->ra_fails = 0;
-		a->ra_has_ok = true;
-		a->ra_last_ok_ms = now_ms;
-		global_ok();
+	if (a->ra_quarantined)
+		log_info("retry_admin_released", "admin=%s attribution=admin "
+		    "failures=%u mailboxes=%u reason=\"it logged in again\"",
+		    a->ra_name, a->ra_fails, a->ra_mb.ms_n);
+	a->ra_quarantined = false;
+	a->ra_fails = 0;
+	a->ra_mb.ms_n = 0;
+	a->ra_has_ok = true;
+	a->ra_last_ok_ms = now_ms;
+}
+
+void
+retry_login_refused(size_t admin, const char *domain, const char *mailbox,
+    uint64_t now_ms)
+{
+	uint32_t h = mb_key_hash(domain, mailbox);
+	struct retry_admin *a;
+	size_t other = 0;
+
+	global_failed(h, admin, now_ms);
+	if (admin >= R.n_admins)
 		return;
-	}
+	a = &R.admins[admin];
 	if (a->ra_fails == 0)
 		a->ra_streak_ms = now_ms;
 	if (a->ra_fails < UINT32_MAX)
 		a->ra_fails++;
-	global_failed(now_ms);
-	if (a->ra_fails < RETRY_ADMIN_QUARANTINE_FAILS ||
+	mbset_add(&a->ra_mb, h, admin);
+	if (a->ra_mb.ms_n < RETRY_ADMIN_QUARANTINE_FAILS ||
 	    R.admin_cooldown_ms == 0 || retry_admin_quarantined(admin, now_ms) ||
-	    !other_admin_ok(admin, now_ms))
+	    !other_admin_ok(admin, now_ms, &other))
 		return;
 	a->ra_quarantined = true;
+	a->ra_release_logged = false;
 	a->ra_until = now_ms + R.admin_cooldown_ms;
-	log_warn("retry_admin_quarantined", "admin=%s failures=%u "
-	    "cooldown_ms=%llu reason=\"logins keep failing while other admin "
-	    "accounts succeed (wrong password, locked or disabled account?)\"",
-	    a->ra_name, a->ra_fails, (unsigned long long)R.admin_cooldown_ms);
+	log_warn("retry_admin_quarantined", "admin=%s attribution=admin "
+	    "failures=%u mailboxes=%u succeeding=%s success_ms_ago=%llu "
+	    "cooldown_ms=%llu reason=\"logins of different mailboxes keep "
+	    "failing while other admin accounts succeed (wrong password, "
+	    "locked or disabled account, MaxConnectionsPerUser?)\"",
+	    a->ra_name, a->ra_fails, a->ra_mb.ms_n, R.admins[other].ra_name,
+	    (unsigned long long)(now_ms - R.admins[other].ra_last_ok_ms),
+	    (unsigned long long)R.admin_cooldown_ms);
+}
+
+void
+retry_mailbox_at_fault(const char *domain, const char *mailbox)
+{
+	uint32_t h = mb_key_hash(domain, mailbox);
+	size_t j;
+
+	/* Its refusals were the mailbox's, not the accounts' nor Exchange's. */
+	mbset_remove(&R.g_mb, h);
+	for (j = 0; j < R.n_admins; j++)
+		mbset_remove(&R.admins[j].ra_mb, h);
+}
+
+void
+retry_admin_result(size_t admin, bool ok, uint64_t now_ms)
+{
+	if (ok)
+		retry_login_ok(admin, NULL, NULL, now_ms);
+	else
+		retry_login_refused(admin, NULL, NULL, now_ms);
 }
 
 void
 retry_admin_refused(size_t admin, uint64_t now_ms)
 {
-	if (admin >= R.n_admins)
-		return;
-	global_failed(now_ms);
+	global_failed(mb_key_hash(NULL, NULL), admin, now_ms);
 }
 
 bool
@@ -654,7 +821,39 @@ retry_admin_quarantined(size_t admin, uint64_t now_ms)
 bool
 retry_admin_usable(size_t admin, uint64_t now_ms)
 {
+	struct retry_admin *a;
+
+	if (admin >= R.n_admins)
+		return true;
+	a = &R.admins[admin];
+	if (a->ra_quarantined && now_ms >= a->ra_until &&
+	    !a->ra_release_logged) {
+		a->ra_release_logged = true;
+		log_info("retry_admin_released", "admin=%s attribution=admin "
+		    "failures=%u mailboxes=%u reason=\"admin_cooldown is over: "
+		    "one more failure while others succeed quarantines it "
+		    "again\"", a->ra_name, a->ra_fails, a->ra_mb.ms_n);
+	}
 	return !retry_admin_quarantined(admin, now_ms);
+}
+
+uint64_t
+retry_admin_last_ok(size_t admin)
+{
+	return admin < R.n_admins && R.admins[admin].ra_has_ok ?
+	    R.admins[admin].ra_last_ok_ms : 0;
+}
+
+bool
+retry_recent_success(uint64_t now_ms)
+{
+	return R.g_has_ok && now_ms - R.g_last_ok_ms < RETRY_EVIDENCE_MS;
+}
+
+bool
+retry_slowdown(void)
+{
+	return R.g_slow;
 }
 
 uint64_t
@@ -762,6 +961,19 @@ retry_negcache_size(void)
 	return R.n_neg;
 }
 
+void
+retry_negcache_expire(uint64_t now_ms)
+{
+	struct retry_neg *n;
+
+	if (!R.init)
+		return;
+	/* Entries expire in the order they were added (or refreshed). */
+	while ((n = TAILQ_FIRST(&R.neg_age)) != NULL &&
+	    n->rn_expires <= now_ms)
+		neg_remove(n);
+}
+
 /* ------------------------------------------------------------ shutdown */
 
 void
@@ -788,5 +1000,6 @@ retry_login_started(uint64_t now_ms)
 	 * queue must not burst a login per waiter each time it opens. */
 	if (R.g_slow)
 		R.g_not_before = now_ms + backoff(R.backoff_initial_ms,
-		    R.backoff_max_ms, R.g_fails - slow_after() + 1, retry_rand());
+		    R.backoff_max_ms, R.g_fails - R.g_fails_at_slow + 1,
+		    retry_rand());
 }

@@ -85,38 +85,68 @@ bool retry_server_probing(size_t server, uint64_t now_ms);
  * for imapshim_server_up; this one is false as soon as a probe may go.) */
 bool retry_all_servers_down(uint64_t now_ms);
 
-/* ---- admin quarantine (index into cfg->admins)
+/* ---- attribution: the mailbox, the admin account, the server or Exchange
+ * (DESIGN 3.5 R4-R6; admin: index into cfg->admins)
  *
- * Quarantine rule: an admin account is quarantined for admin_cooldown
- * when it has RETRY_ADMIN_QUARANTINE_FAILS or more failed logins in a row
- * (retry_admin_result(false), no success of its own in between) and some
- * other admin account had a successful login since this account's run of
- * failures began, less than admin_cooldown ago.  Logged at warn once per
- * quarantine; its next success is logged at info.  When the cooldown
- * ends the account is usable again; its run of failures is kept, so one
- * more failure (while others succeed) quarantines it again at once.
+ * Exchange says "NO LOGIN failed." for a missing mailbox, a full or locked
+ * admin account and a refusing back end alike, so a refusal is charged by
+ * evidence across mailboxes.  The pool reports every refusal by Exchange
+ * (transient or final class) with retry_login_refused() and every
+ * successful login with retry_login_ok(); server failures (RETRY_SERVER)
+ * go to the server's health only.  Mailboxes are told apart by a hash of
+ * (domain, mailbox), ASCII case-insensitive, as the negative cache keys
+ * them; up to RETRY_MB_TRACK (8) different ones are remembered per
+ * account and for Exchange.
  *
- * Slowdown rule: login failures of every account (retry_admin_result
- * false and retry_admin_refused) are counted in a row, reset by any
- * successful login.  From max(RETRY_SLOW_AFTER, number of admins) failures
- * on, each failure sets the earliest next login to failure time +
- * backoff(k) (k = 1, 2, ...: backoff_initial doubling to backoff_max, with
- * jitter), so an ini with a wrong password gives a few logins at first,
- * then at most about one per backoff_max/2, however many clients ask.
+ * Admin account: quarantined for admin_cooldown when its refusals since
+ * its last success name RETRY_ADMIN_QUARANTINE_FAILS (3) different
+ * mailboxes and another account logged in since this run of failures
+ * began, less than admin_cooldown ago.  Logged at warn
+ * (retry_admin_quarantined, with the evidence) once per quarantine; the
+ * cooldown's end and its next success are logged at info
+ * (retry_admin_released).  Its run is kept after the cooldown, so one
+ * more refusal while others succeed quarantines it again at once.
+ *
+ * Exchange as a whole (the slowdown): when the refusals since the last
+ * successful login of any account name RETRY_SLOW_AFTER (3) different
+ * mailboxes and every account refused at least one of them, each refusal
+ * sets the earliest next login to refusal time + backoff(k) (k = 1, 2,
+ * ...: backoff_initial doubling to backoff_max, with jitter), and each
+ * new login moves it a step further, so with every password wrong a few
+ * logins go at first, then at most about one per backoff_max/2, however
+ * many clients ask.  Logged at warn (retry_login_slowdown) when it
+ * starts; the first successful login ends it (retry_login_slowdown_end).
+ *
+ * The mailbox: when every account refused one mailbox and the pool has
+ * evidence that the accounts and Exchange work (pool.c, DESIGN 3.5 R5),
+ * retry_mailbox_at_fault() takes its refusals back out of every
+ * account's run and Exchange's: a mailbox polled for ever never
+ * quarantines an account nor slows the site down.
  */
 #define RETRY_ADMIN_QUARANTINE_FAILS 3
 #define RETRY_SLOW_AFTER 3
+/* A success older than this is no evidence that Exchange works now. */
+#define RETRY_EVIDENCE_MS (5 * 60 * 1000)
+void retry_login_ok(size_t admin, const char *domain, const char *mailbox,
+    uint64_t now_ms);
+void retry_login_refused(size_t admin, const char *domain,
+    const char *mailbox, uint64_t now_ms);
+void retry_mailbox_at_fault(const char *domain, const char *mailbox);
+/* Older forms: a result for a mailbox nobody else shares (each refusal a
+ * different mailbox); retry_admin_refused() counts towards the slowdown
+ * only, never towards the account's quarantine. */
 void retry_admin_result(size_t admin, bool ok, uint64_t now_ms);
-/* Addition: a final refusal (RETRY_FINAL) with admin.  The mailbox may be
- * at fault rather than the account, so it counts only towards the
- * all-accounts slowdown, not towards the account's quarantine (the pool
- * reports it through retry_admin_result(false) once another account
- * succeeded for the same mailbox). */
 void retry_admin_refused(size_t admin, uint64_t now_ms);
 bool retry_admin_usable(size_t admin, uint64_t now_ms);
 bool retry_admin_quarantined(size_t admin, uint64_t now_ms);
-/* When every admin keeps failing, new logins slow down: the earliest time
- * the next new login may start (now_ms when there is no slowdown). */
+/* The account's last successful login (0: none yet). */
+uint64_t retry_admin_last_ok(size_t admin);
+/* Some login succeeded less than RETRY_EVIDENCE_MS ago. */
+bool retry_recent_success(uint64_t now_ms);
+/* The slowdown is on (Exchange as a whole refuses). */
+bool retry_slowdown(void);
+/* During the slowdown, the earliest time the next new login may start
+ * (now_ms when there is no slowdown). */
 uint64_t retry_login_not_before(uint64_t now_ms);
 /* A new login starts now: during the slowdown this moves
  * retry_login_not_before() a backoff step further. */
@@ -131,6 +161,8 @@ bool retry_negcache_hit(const char *domain, const char *mailbox, uint64_t now_ms
 
 /* Entries in the negative cache (expired ones may still count). */
 size_t retry_negcache_size(void);
+/* Drop the entries expired at now (before reading the size). */
+void retry_negcache_expire(uint64_t now_ms);
 
 /* Addition: a 32-bit random number for retry_backoff_ms() (xorshift,
  * seeded from the clock at the first retry_configure; not for secrets).

@@ -26,6 +26,10 @@ const char *const stats_retry_reason_names[STATS_RETRY_COUNT] = {
 	"login_transient", "login_refused", "protocol", "lost",
 };
 
+const char *const stats_attribution_names[STATS_ATTR_COUNT] = {
+	"mailbox", "admin", "server", "exchange",
+};
+
 static struct stats_snapshot st;
 
 static void
@@ -63,6 +67,12 @@ void
 stats_login_retry(enum stats_retry_reason r)
 {
 	st.retries[r]++;
+}
+
+void
+stats_login_failure(enum stats_attribution a, unsigned n)
+{
+	st.login_failures[a] += n;
 }
 
 void

@@ -36,6 +36,17 @@ enum stats_retry_reason {
 	STATS_RETRY_COUNT
 };
 
+/* imapshim_login_failures_total{attribution}: every failed upstream
+ * login, charged to what was at fault (DESIGN 3.5 R5, R6). */
+enum stats_attribution {
+	STATS_ATTR_MAILBOX,	/* the mailbox: refused with every account */
+	STATS_ATTR_ADMIN,	/* the account: another one served the mailbox */
+	STATS_ATTR_SERVER,	/* connect, TLS, certificate, greeting, timeout */
+	STATS_ATTR_EXCHANGE,	/* refused, and nothing shows the mailbox or
+				 * the account at fault */
+	STATS_ATTR_COUNT
+};
+
 /* Fixed histogram buckets, upper bounds in milliseconds (+Inf implied). */
 #define STATS_HIST_BUCKETS 14
 extern const uint64_t stats_hist_bounds_ms[STATS_HIST_BUCKETS];
@@ -69,6 +80,7 @@ enum stats_command stats_command_from(const char *name, size_t len);
 
 void stats_upstream_login(enum stats_login_result r);
 void stats_login_retry(enum stats_retry_reason r);
+void stats_login_failure(enum stats_attribution a, unsigned n);
 void stats_pool_reuse(void);
 void stats_queue_wait(uint64_t us);	/* a waiter was served after us */
 void stats_queue_timeout(void);
@@ -80,6 +92,7 @@ void stats_upstream_tls(int resumed);	/* an upstream TLS handshake completed */
 struct stats_snapshot {
 	uint64_t logins[STATS_LOGIN_COUNT];
 	uint64_t retries[STATS_RETRY_COUNT];
+	uint64_t login_failures[STATS_ATTR_COUNT];
 	uint64_t pool_reuse;
 	uint64_t queue_timeouts;
 	uint64_t clients_refused;
@@ -90,6 +103,7 @@ struct stats_snapshot {
 const struct stats_snapshot *stats_get(void);
 extern const char *const stats_login_result_names[STATS_LOGIN_COUNT];	/* "ok", "refused", "error" */
 extern const char *const stats_retry_reason_names[STATS_RETRY_COUNT];	/* "connect", ... */
+extern const char *const stats_attribution_names[STATS_ATTR_COUNT];	/* "mailbox", ... */
 
 /* Tests only: back to zero. */
 void stats_reset(void);

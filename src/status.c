@@ -514,6 +514,17 @@ metrics_admins(struct evbuffer *out, const struct config *cfg, uint64_t now)
 	for (i = 0; cfg != NULL && i < cfg->n_admins; i++)
 		prom_u64(out, "imapshim_admin_quarantined", "admin",
 		    cfg->admins[i].name, retry_admin_quarantined(i, now) ? 1 : 0);
+	prom_family(out, "imapshim_login_slowdown", "gauge",
+	    "1 while new logins are slowed down because Exchange refuses "
+	    "different mailboxes with every admin account.");
+	prom_u64(out, "imapshim_login_slowdown", NULL, NULL,
+	    retry_slowdown() ? 1 : 0);
+	prom_family(out, "imapshim_negative_cache_entries", "gauge",
+	    "Mailboxes answered NO [AUTHENTICATIONFAILED] from the negative "
+	    "cache without asking Exchange.");
+	retry_negcache_expire(now);
+	prom_u64(out, "imapshim_negative_cache_entries", NULL, NULL,
+	    retry_negcache_size());
 }
 
 static void
@@ -560,6 +571,12 @@ metrics_counters(struct evbuffer *out, const struct stats_snapshot *s)
 	for (i = 0; i < STATS_RETRY_COUNT; i++)
 		prom_u64(out, "imapshim_login_retries_total", "reason",
 		    stats_retry_reason_names[i], s->retries[i]);
+	prom_family(out, "imapshim_login_failures_total", "counter",
+	    "Failed upstream logins by what they were charged to: the "
+	    "mailbox, the admin account, the server or Exchange as a whole.");
+	for (i = 0; i < STATS_ATTR_COUNT; i++)
+		prom_u64(out, "imapshim_login_failures_total", "attribution",
+		    stats_attribution_names[i], s->login_failures[i]);
 	prom_family(out, "imapshim_pool_reuse_total", "counter",
 	    "Clients served by a pooled upstream session without a new LOGIN.");
 	prom_u64(out, "imapshim_pool_reuse_total", NULL, NULL, s->pool_reuse);

@@ -1044,8 +1044,9 @@ test_login_failure_classes(void **state)
 	run();
 	ffail(0, UP_FAIL_LOGIN, "NO LOGIN failed.");
 	ffail(1, UP_FAIL_LOGIN, "no login FAILED.");
-	assert_int_equal(c[0].why, POOL_FAIL_UNAVAILABLE);
-	assert_int_equal(c[1].why, POOL_FAIL_UNAVAILABLE);
+	/* Exchange answered: a refusal, not "unreachable" (issue 13). */
+	assert_int_equal(c[0].why, POOL_FAIL_REFUSED);
+	assert_int_equal(c[1].why, POOL_FAIL_REFUSED);
 	/* A final refusal is tried with the other admin first. */
 	ffail(2, UP_FAIL_LOGIN, "NO [AUTHENTICATIONFAILED] Authentication failed.");
 	assert_int_equal(c[2].failed, 0);
@@ -1101,7 +1102,7 @@ test_transient_retry_other_admin(void **state)
 	assert_int_equal(F[2].server, 0);	/* not the last one */
 	ffail(2, UP_FAIL_LOGIN, "NO Server Unavailable. 15");
 	assert_int_equal(a.failed, 1);		/* login_attempts = 3 spent */
-	assert_int_equal(a.why, POOL_FAIL_UNAVAILABLE);
+	assert_int_equal(a.why, POOL_FAIL_REFUSED);	/* answered: refused */
 	assert_string_equal(a.reason, "NO Server Unavailable. 15");
 	advance(20000);
 	assert_int_equal(nf, 3);		/* never a 4th */
@@ -1168,6 +1169,180 @@ test_final_then_negcache(void **state)
 	acq(&d, "ghost2");
 	run();
 	assert_int_equal(nf, 5);
+}
+
+/*
+ * DESIGN 3.5 R5 (issue 13): "NO LOGIN failed." from every account for one
+ * mailbox while another mailbox logged in a moment ago.  Neither account
+ * logged in since, so one probe decides: the mailbox that worked logs in
+ * with an account that refused this one: the mailbox is at fault: AUTH,
+ * cached, no quarantine, no slowdown; the probe's session stays pooled.
+ */
+static void
+test_missing_mailbox_probe(void **state)
+{
+	static struct tclient g, a, b, h;
+	const struct stats_snapshot *ss = stats_get();
+	struct pool_stats st;
+
+	(void)state;
+	acq(&g, "good");
+	run();
+	fready(0);
+	assert_int_equal(g.granted, 1);
+	acq(&a, "ghost");
+	run();
+	assert_int_equal(nf, 2);
+	ffail(1, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	advance(250);
+	assert_int_equal(nf, 3);
+	assert_true(F[2].admin != F[1].admin);
+	ffail(2, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	/* The probe: at once, "good" with the first account that refused. */
+	assert_int_equal(nf, 4);
+	assert_string_equal(F[3].mailbox, "good");
+	assert_int_equal(F[3].admin, F[1].admin);
+	assert_int_equal(a.failed, 0);
+	fready(3);
+	assert_int_equal(a.failed, 1);
+	assert_int_equal(a.why, POOL_FAIL_AUTH);
+	assert_string_equal(a.reason, "NO LOGIN failed.");
+	assert_string_equal(a.w.pw_explain,
+	    "with every admin account while other mailboxes log in");
+	assert_false(retry_admin_quarantined(0, fnow));
+	assert_false(retry_admin_quarantined(1, fnow));
+	assert_false(retry_slowdown());
+	assert_int_equal(retry_login_not_before(fnow), fnow);
+	assert_int_equal(ss->login_failures[STATS_ATTR_MAILBOX], 2);
+	pool_get_stats(&st);
+	assert_int_equal(st.idle, 1);		/* the probe's session */
+	/* Cached: no login at all the next time. */
+	acq(&b, "ghost");
+	run();
+	assert_int_equal(b.why, POOL_FAIL_AUTH);
+	assert_int_equal(nf, 4);
+	/* The probe's session serves "good" without a login. */
+	acq(&h, "good");
+	run();
+	fcmd(3, true);
+	assert_int_equal(h.granted, 1);
+	assert_int_equal(nf, 4);
+	check_budget();
+}
+
+/* Every account logged in another mailbox after refusing this one: the
+ * evidence is there, no probe needed. */
+static void
+test_missing_mailbox_evidence(void **state)
+{
+	static struct tclient a, o[2];
+
+	(void)state;
+	acq(&a, "ghost");
+	run();
+	ffail(0, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	/* Meanwhile both accounts log in other mailboxes. */
+	acq(&o[0], "o0");
+	run();
+	acq(&o[1], "o1");
+	run();
+	assert_int_equal(nf, 3);
+	assert_true(F[1].admin != F[2].admin);
+	fready(1);
+	fready(2);
+	advance(250);
+	assert_int_equal(nf, 4);
+	ffail(3, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	assert_int_equal(a.failed, 1);
+	assert_int_equal(a.why, POOL_FAIL_AUTH);
+	assert_int_equal(nf, 4);		/* two logins, no probe */
+	acq(&a, "ghost");			/* cached */
+	run();
+	assert_int_equal(a.why, POOL_FAIL_AUTH);
+	assert_int_equal(nf, 4);
+}
+
+/* The probe fails too (every account at MaxConnectionsPerUser, say):
+ * not the mailbox's fault: REFUSED, not cached. */
+static void
+test_probe_fails_not_final(void **state)
+{
+	static struct tclient g, a;
+
+	(void)state;
+	acq(&g, "good");
+	run();
+	fready(0);
+	acq(&a, "full");
+	run();
+	ffail(1, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	advance(250);
+	ffail(2, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	assert_int_equal(nf, 4);
+	assert_string_equal(F[3].mailbox, "good");
+	ffail(3, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	assert_int_equal(a.failed, 1);		/* login_attempts = 3 spent */
+	assert_int_equal(a.why, POOL_FAIL_REFUSED);
+	advance(20000);
+	assert_int_equal(nf, 4);
+	acq(&a, "full");			/* not cached: asked again */
+	run();
+	assert_int_equal(nf, 5);
+}
+
+/* No login succeeded yet: nothing to compare with: REFUSED, saying so,
+ * after login_attempts; not cached. */
+static void
+test_no_evidence_refused(void **state)
+{
+	static struct tclient a;
+
+	(void)state;
+	acq(&a, "ghost");
+	run();
+	ffail(0, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	advance(250);
+	ffail(1, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	advance(500);
+	assert_int_equal(nf, 3);
+	ffail(2, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	assert_int_equal(a.failed, 1);
+	assert_int_equal(a.why, POOL_FAIL_REFUSED);
+	assert_non_null(strstr(a.w.pw_explain, "no login succeeded recently"));
+	assert_false(retry_slowdown());		/* one mailbox only */
+	acq(&a, "ghost");			/* not cached */
+	run();
+	assert_int_equal(nf, 4);
+}
+
+/* One account refuses a mailbox the other serves (FullAccess on one
+ * only): the other is tried first for it afterwards. */
+static void
+test_preferred_admin(void **state)
+{
+	static struct tclient a, b;
+	size_t good;
+
+	(void)state;
+	acq(&a, "shared");
+	run();
+	ffail(0, UP_FAIL_LOGIN, "NO LOGIN failed.");
+	advance(250);
+	good = F[1].admin;
+	assert_true(good != F[0].admin);
+	fready(1);
+	assert_int_equal(a.granted, 1);
+	rel(&a, POOL_RELEASE_DIRTY);
+	ffree(1);
+	for (int k = 0; k < 3; k++) {
+		acq(&b, "shared");
+		run();
+		assert_int_equal(F[last_open()].admin, good);
+		fready(last_open());
+		assert_int_equal(b.granted, 1);
+		rel(&b, POOL_RELEASE_DIRTY);
+		ffree(last_open());
+	}
 }
 
 /* An admin whose logins fail while the other's succeed is quarantined
@@ -1983,6 +2158,11 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_reentrant_callbacks, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_idle_frames_drained, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_random, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_missing_mailbox_probe, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_missing_mailbox_evidence, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_probe_fails_not_final, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_no_evidence_refused, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_preferred_admin, setup, teardown),
 	};
 
 	log_set_level(getenv("POOL_TEST_DEBUG") != NULL ? LOG_LVL_DEBUG :

@@ -415,10 +415,11 @@ test_admin_quarantine(void **state)
 	retry_admin_result(0, false, t + 1);
 	assert_true(retry_admin_quarantined(0, t + 1));
 	assert_int_equal(log_count("retry_admin_quarantined"), 2);
-	/* A success ends it. */
+	/* A success ends it; the cooldown's end and the success are
+	 * each logged once. */
 	retry_admin_result(0, true, t + 2);
 	assert_false(retry_admin_quarantined(0, t + 2));
-	assert_int_equal(log_count("retry_admin_recovered"), 1);
+	assert_int_equal(log_count("retry_admin_released"), 2);
 }
 
 static void
@@ -497,13 +498,16 @@ test_slowdown_bounds_storm(void **state)
 	retry_admin_result(0, true, t);
 	assert_int_equal(retry_login_not_before(t), t);
 	assert_int_equal(log_count("retry_login_slowdown_end"), 1);
-	/* Two more failures: not yet slowed (threshold 3). */
+	/* Three mailboxes refused by one account only: that account's
+	 * trouble, not Exchange's: no slowdown (DESIGN 3.5 R6). */
 	retry_admin_result(1, false, t + 1);
 	retry_admin_result(1, false, t + 2);
-	assert_int_equal(retry_login_not_before(t + 2), t + 2);
 	retry_admin_result(1, false, t + 3);
-	assert_true(retry_login_not_before(t + 3) > t + 3);
-	assert_true(retry_login_not_before(t + 3) <= t + 3 + 250);
+	assert_int_equal(retry_login_not_before(t + 3), t + 3);
+	/* The other account refuses too: every account, 4 mailboxes. */
+	retry_admin_result(0, false, t + 4);
+	assert_true(retry_login_not_before(t + 4) > t + 4);
+	assert_true(retry_login_not_before(t + 4) <= t + 4 + 250);
 }
 
 /* Final refusals count towards the slowdown too (a Dovecot-style
@@ -525,6 +529,84 @@ test_slowdown_from_refusals(void **state)
 		retry_admin_refused(0, t);
 	}
 	assert_true(allowed <= 25);
+}
+
+/*
+ * Attribution (DESIGN 3.5 R5, R6; issue 13): refusals are told apart by
+ * mailbox.  One missing mailbox refused by every account over and over,
+ * while other mailboxes log in: no quarantine, no slowdown.
+ */
+static void
+test_attribution_one_mailbox(void **state)
+{
+	uint64_t t = 10000;
+	int k;
+
+	(void)state;
+	retry_login_ok(0, "example.com", "alice", t);
+	for (k = 0; k < 50; k++) {
+		retry_login_refused(0, "example.com", "Gone", t + 1);
+		retry_login_refused(1, "EXAMPLE.com", "gone", t + 2);
+		retry_login_ok(1, "example.com", "bob", t + 3);
+		t += 10;
+	}
+	assert_false(retry_admin_quarantined(0, t));
+	assert_false(retry_admin_quarantined(1, t));
+	assert_false(retry_slowdown());
+	assert_int_equal(retry_login_not_before(t), t);
+	assert_int_equal(log_count("retry_admin_quarantined"), 0);
+	assert_int_equal(log_count("retry_login_slowdown"), 0);
+}
+
+/* An account failing for three different mailboxes while the other
+ * succeeds is quarantined; a mailbox found at fault is taken back out of
+ * its run. */
+static void
+test_attribution_admin(void **state)
+{
+	uint64_t t = 10000;
+
+	(void)state;
+	retry_login_ok(1, "example.com", "x", t);
+	retry_login_refused(0, "example.com", "m1", t + 1);
+	retry_login_refused(0, "example.com", "m2", t + 2);
+	retry_mailbox_at_fault("example.com", "M2");	/* m2 was missing */
+	retry_login_refused(0, "example.com", "m3", t + 3);
+	assert_false(retry_admin_quarantined(0, t + 3));	/* m1, m3 */
+	retry_login_refused(0, "example.com", "m1", t + 4);	/* again */
+	assert_false(retry_admin_quarantined(0, t + 4));
+	retry_login_ok(1, "example.com", "y", t + 5);
+	retry_login_refused(0, "example.com", "m4", t + 6);
+	assert_true(retry_admin_quarantined(0, t + 6));
+	assert_false(retry_slowdown());		/* the other works */
+	assert_int_equal(log_count("retry_admin_quarantined"), 1);
+}
+
+/* The slowdown needs different mailboxes refused by every account with
+ * no success; the first success ends it. */
+static void
+test_attribution_exchange(void **state)
+{
+	uint64_t t = 10000;
+
+	(void)state;
+	retry_login_refused(0, "example.com", "a", t);
+	retry_login_refused(1, "example.com", "a", t);
+	retry_login_refused(0, "example.com", "b", t);
+	retry_login_refused(1, "example.com", "b", t);
+	assert_false(retry_slowdown());			/* two mailboxes */
+	retry_login_refused(0, "example.com", "c", t + 1);
+	assert_true(retry_slowdown());
+	assert_true(retry_login_not_before(t + 1) > t + 1);
+	assert_int_equal(log_count("retry_login_slowdown"), 1);
+	retry_login_ok(1, "example.com", "d", t + 2);
+	assert_false(retry_slowdown());
+	assert_int_equal(retry_login_not_before(t + 2), t + 2);
+	assert_int_equal(log_count("retry_login_slowdown_end"), 1);
+	assert_true(retry_recent_success(t + 2));
+	assert_false(retry_recent_success(t + 2 + RETRY_EVIDENCE_MS));
+	assert_int_equal(retry_admin_last_ok(1), t + 2);
+	assert_int_equal(retry_admin_last_ok(0), 0);
 }
 
 /* ------------------------------------------------------------ negative cache */
@@ -661,6 +743,9 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_negcache, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_negcache_eviction, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reload_keeps_state_by_name, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_attribution_one_mailbox, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_attribution_admin, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_attribution_exchange, setup, teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -115,6 +115,27 @@ retry_admin_quarantined(size_t admin, uint64_t now_ms)
 	return admin < nitems(fake_quarantined) && fake_quarantined[admin];
 }
 
+static bool fake_slowdown;
+static size_t fake_negcache;
+
+bool
+retry_slowdown(void)
+{
+	return fake_slowdown;
+}
+
+size_t
+retry_negcache_size(void)
+{
+	return fake_negcache;
+}
+
+void
+retry_negcache_expire(uint64_t now_ms)
+{
+	(void)now_ms;
+}
+
 /* ------------------------------------------------------------ config */
 
 #define PW1 "s3cret-Pa55word-one"

@@ -228,36 +228,79 @@ cl_attach(struct client *c, enum cl_state how)
 	cl_ask_pool(c);
 }
 
-/* The pool could not give one back in time. */
-void
-cl_attach_failed(struct client *c, enum pool_fail why)
+/* No session back: the waiting command (ATTACHING) is answered with
+ * text, a poll (POLLING) tries again at the next one; either way the
+ * client stays parked with its snapshot. */
+static void
+cl_attach_give_up(struct client *c, const char *text)
 {
 	if (c->cl_state == CL_S_POLLING) {
-		cl_set_state(c, CL_S_PARKED_IDLE);	/* the next poll tries again */
+		cl_set_state(c, CL_S_PARKED_IDLE);
 		return;
 	}
-	cl_printf(c, "%s %s\r\n", c->cl_attach_tag, why == POOL_FAIL_TIMEOUT ?
-	    "NO [UNAVAILABLE] All Exchange sessions are busy "
-	    "(queue_timeout); try again later." :
-	    "NO [UNAVAILABLE] Exchange is not reachable; try again later.");
+	cl_printf(c, "%s %s\r\n", c->cl_attach_tag, text);
 	c->cl_drop_next = true;
 	cl_set_state(c, CL_S_PARKED);
 }
 
-static void
-cl_resync_fail(struct client *c, const char *bye)
+/* The pool could not give one back in time. */
+void
+cl_attach_failed(struct client *c, enum pool_fail why)
 {
-	if (c->cl_up != NULL && upstream_state(c->cl_up) == UP_S_CLOSING) {
-		/* Lost under us: start the attach over on another session. */
+	char text[400];
+
+	/* The table of these texts: README "Failure texts". */
+	switch (why) {
+	case POOL_FAIL_TIMEOUT:
+		snprintf(text, sizeof(text), "NO [UNAVAILABLE] No Exchange "
+		    "session within queue_timeout: %s; try again later.",
+		    c->cl_waiter.pw_explain[0] != '\0' ?
+		    c->cl_waiter.pw_explain : "the session budget is full");
+		break;
+	case POOL_FAIL_AUTH:
+	case POOL_FAIL_REFUSED:
+		snprintf(text, sizeof(text), "NO [UNAVAILABLE] Exchange refused "
+		    "a new session for this mailbox; try again later.");
+		break;
+	case POOL_FAIL_UNAVAILABLE:
+	default:
+		snprintf(text, sizeof(text), "NO [UNAVAILABLE] %s; try again "
+		    "later.", c->cl_waiter.pw_explain[0] != '\0' ?
+		    c->cl_waiter.pw_explain : "Exchange is not reachable");
+		break;
+	}
+	cl_attach_give_up(c, text);
+}
+
+/* The resync could not go on: lost under us, it starts over on another
+ * session (bounded); refused (NO or BAD to our SELECT or FETCH), the
+ * session goes back and the client stays parked. */
+static void
+cl_resync_fail(struct client *c, const char *text)
+{
+	struct upstream *u = c->cl_up;
+
+	c->cl_rs = CL_RS_SELECT;
+	if (u != NULL && upstream_state(u) == UP_S_CLOSING) {
 		cl_forget_upstream(c);
-		c->cl_rs = CL_RS_SELECT;
 		if (++c->cl_recover_tries < CL_RECOVER_TRIES) {
 			cl_ask_pool(c);
 			return;
 		}
-		bye = "The connection to Exchange was lost.";
+		cl_close(c, "resync-failed", "The connection to Exchange was "
+		    "lost.");
+		return;
 	}
-	cl_close(c, "resync-failed", bye);
+	log_info("client_resync_refused", "id=%llu mailbox=%s state=%s",
+	    (unsigned long long)c->cl_id, c->cl_name.mailbox,
+	    cl_state_name(c->cl_state));
+	if (u != NULL) {
+		c->cl_up = NULL;
+		upstream_set_lessee(u, NULL, NULL);
+		pool_release(u, POOL_RELEASE_SELECTED);
+	}
+	c->cl_selected = false;
+	cl_attach_give_up(c, text);
 }
 
 static void cl_resync_step(struct client *c);
@@ -268,7 +311,8 @@ cl_resync_cb(void *arg, bool ok)
 	struct client *c = arg;
 
 	if (!ok || !c->cl_snap_ok) {
-		cl_resync_fail(c, "The mailbox cannot be opened again.");
+		cl_resync_fail(c, "NO [UNAVAILABLE] The mailbox could not "
+		    "be opened again; try again later.");
 		return;
 	}
 	cl_resync_step(c);
@@ -315,7 +359,8 @@ cl_resync_step(struct client *c)
 		c->cl_snap_ok = true;
 		if (upstream_command_lines(c->cl_up, c->cl_select_cmd,
 		    cl_snap_line_cb, cl_resync_cb, c) != 0)
-			cl_resync_fail(c, "The mailbox cannot be opened again.");
+			cl_resync_fail(c, "NO [UNAVAILABLE] The mailbox cannot "
+			    "be opened again; try again later.");
 		return;
 	case CL_RS_FETCH:
 		if (c->cl_new_uidvalidity != c->cl_uidvalidity) {
@@ -333,7 +378,8 @@ cl_resync_step(struct client *c)
 			if (upstream_command_lines(c->cl_up,
 			    "FETCH 1:* (UID FLAGS)", cl_snap_line_cb, cl_resync_cb,
 			    c) != 0)
-				cl_resync_fail(c, "The mailbox cannot be read again.");
+				cl_resync_fail(c, "NO [UNAVAILABLE] The mailbox "
+				    "cannot be read again; try again later.");
 			return;
 		}
 		/* FALLTHROUGH */

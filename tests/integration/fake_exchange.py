@@ -53,8 +53,17 @@ changed while the server runs:
         bytes: sent instead of the normal reply (include the tagged line).
         "drop_after": carry the command out (an APPEND stores its message)
         but close the connection instead of sending any reply byte.
-        ("close", bytes): send bytes, then close.  A number: stall that
+        ("close", bytes): send bytes, then close.  ("cut", k): carry the
+        command out but send only the first k bytes of its reply (e.g.
+        half a FETCH literal), then close.  A number: stall that
         many seconds, then answer as usual.
+  on_idle_done(conn, tag)         -> None | "drop" | "stall" | bytes | seconds
+        when an IDLE (tag: its tag) gets its DONE line; the IDLE has
+        ended (push() no longer writes to it).  None: answer "<tag> OK
+        IDLE completed." as usual; "drop": close without a reply byte;
+        "stall": send nothing more (until the peer closes); bytes: sent
+        instead of the tagged OK; a number: wait that long, leaving
+        whatever follows DONE unread, then answer as usual.
   on_literal(conn, head, n)       -> None | "drop" | int k | (k, seconds)
         when a command announces a literal of n bytes (head: the command
         so far).  "drop" or k: close after receiving k (0) bytes of it; the
@@ -840,6 +849,18 @@ class FakeExchange:
             self._reply(conn, act[1])
             time.sleep(0.05)
             return False
+        if isinstance(act, tuple) and act[:1] == ("cut",):
+            # Exchange dying mid-response: the reply's first k bytes only
+            with conn.wlock:
+                conn.withhold = True
+            self._dispatch_command(conn, cmd, tag, name, args, t)
+            with conn.wlock:
+                data = b"".join(conn.withheld)
+                conn.withheld = [data[act[1]:]]
+                conn.withhold = False
+            conn.write(data[:act[1]])
+            time.sleep(0.05)
+            return False
         if act == "drop_after":
             # carry it out, but the connection dies before any reply byte
             with conn.wlock:
@@ -911,7 +932,19 @@ class FakeExchange:
                 if line.rstrip(b"\r\n").upper() == b"DONE":
                     break
             conn.idling_tag = None
-            self._reply(conn, t + b"OK IDLE completed.\r\n")
+            act = self._hook("on_idle_done", conn, tag)
+            if _is_seconds(act):
+                time.sleep(act)
+                act = None
+            if act == "drop":
+                return False
+            if act == "stall":
+                self._stall(conn)
+                return False
+            if isinstance(act, (bytes, bytearray)):
+                self._reply(conn, act)
+            else:
+                self._reply(conn, t + b"OK IDLE completed.\r\n")
         elif name == "APPEND":
             self._append(conn, t, args)
         elif name == "FETCH":

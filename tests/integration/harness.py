@@ -308,6 +308,24 @@ class ConnectionClosed(HarnessError):
 _LITERAL_RE = re.compile(rb"\{(\d+)\+?\}\r\n$")
 
 
+def split_item(buf):
+    """Length of the first complete server response at the start of buf (a
+    line, the literals it announces and the lines after them, as
+    ImapClient.read_item frames it), or 0 while only part of one is there."""
+    pos = 0
+    while True:
+        i = buf.find(b"\n", pos)
+        if i < 0:
+            return 0
+        end = i + 1
+        m = _LITERAL_RE.search(buf, pos, end)
+        if not m or buf.startswith(b"+"):
+            return end
+        pos = end + int(m.group(1))
+        if len(buf) < pos:
+            return 0
+
+
 class Response:
     """
     The reply to one command: `items` are complete server responses (a line
@@ -423,6 +441,46 @@ class ImapClient:
                 return item
             item += self.read_exact(int(m.group(1)), timeout)
             item += self.read_line(timeout)
+
+    # --- non-blocking use, for one thread driving many clients with select()
+    def recv_nowait(self):
+        """Move whatever the server has sent into self.buf without blocking,
+        down to the last byte the TLS layer holds (so select() on self.sock
+        tells the truth again).  False once the server has closed the
+        connection (EOF, reset, TLS alert): self.closed is then set."""
+        if self.closed:
+            return False
+        self.sock.setblocking(False)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    self.closed = True
+                    return False
+                self.buf += chunk
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return True
+        except OSError as e:          # reset, TLS alert, EOF without close_notify
+            self.eof_error = e
+            self.closed = True
+            return False
+        finally:
+            try:
+                self.sock.settimeout(self.timeout)
+            except OSError:
+                pass
+
+    def take_items(self):
+        """The complete server responses in self.buf (framed as read_item
+        frames them), removed from it; a partial one stays there."""
+        items = []
+        while True:
+            n = split_item(self.buf)
+            if not n:
+                return items
+            item, self.buf = self.buf[:n], self.buf[n:]
+            self.transcript.append(item)
+            items.append(item)
 
     def read_response(self, tag, timeout=None):
         """Items up to and including the tagged completion for tag."""
@@ -800,6 +858,19 @@ class Dovecot:
 
 # ---------------------------------------------------------------- imapshim
 
+# One key=value of an imapshim log line; a value is bare or "quoted" with
+# \" \\ \xNN escapes (log.c's log_value).
+_LOG_KV_RE = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def _log_unquote(v):
+    if len(v) < 2 or not v.startswith('"') or not v.endswith('"'):
+        return v
+    return re.sub(r'\\(x[0-9a-fA-F]{2}|.)',
+                  lambda m: chr(int(m.group(1)[1:], 16)) if len(m.group(1)) == 3
+                  else m.group(1), v[1:-1])
+
+
 class ImapShim:
     """
     One imapshim process.  `config` is {section: {key: value}} merged over
@@ -919,6 +990,30 @@ class ImapShim:
 
     def log_text(self, this_run=False):
         return self.log_bytes(this_run).decode(errors="replace")
+
+    def log_events(self, event, this_run=True, **fields):
+        """The log lines of `event` as {key: value} dicts (quoted values
+        unescaped), in log order; fields: only lines whose values equal
+        these (str(value) compared)."""
+        out = []
+        for line in self.log_text(this_run).splitlines():
+            if " event=%s " % event not in line + " ":
+                continue
+            kv = {k: _log_unquote(v) for k, v in _LOG_KV_RE.findall(line)}
+            if all(kv.get(k) == str(v) for k, v in fields.items()):
+                out.append(kv)
+        return out
+
+    def wait_log_event(self, event, timeout=DEFAULT_TIMEOUT, count=1, **fields):
+        """Wait until `count` lines of `event` match fields (log_events);
+        returns them all, or raises HarnessError with the log's tail."""
+        try:
+            return wait_until(lambda: (lambda e: e if len(e) >= count else None)(
+                self.log_events(event, **fields)), timeout=timeout,
+                what="%d log line(s) event=%s %r" % (count, event, fields))
+        except HarnessError as e:
+            raise HarnessError("%s; %s log tail:\n%s"
+                               % (e, self.name, self.log_text(True)[-3000:])) from None
 
     def client(self, timeout=DEFAULT_TIMEOUT, **kw):
         """Implicit-TLS client to the shim, verifying the test CA."""

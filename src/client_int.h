@@ -164,6 +164,7 @@ struct client {
 	struct upstream *cl_up;
 	enum cl_cur cl_cur;
 	bool cl_relay_sync_lit;		/* upstream lacks LITERAL+: pass its "+" */
+	bool cl_partial;		/* the client has part of a response */
 	struct cl_ring cl_ring;		/* replies owed, in command order */
 	struct cl_pend *cl_cur_pend;	/* the relayed command being read */
 	bool cl_read_blocked;		/* upstream output full or too many pending */

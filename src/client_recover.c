@@ -240,10 +240,26 @@ cl_recover_done_cb(void *arg, bool ok)
 		    "was lost.");
 		return;
 	}
-	if (!ok) {
-		cl_close(c, "reselect-failed", "The selected mailbox cannot "
-		    "be opened again.");
+	if (!ok && (c->cl_recover == CL_REDO_APPEND_SEARCH ||
+	    c->cl_recover == CL_REDO_APPEND_DECIDE)) {
+		/* The APPEND check was refused: whether the voice message
+		 * landed cannot be told, and no answer is safe (3.5 R12). */
+		cl_close(c, "append-check-refused", "Whether the message was "
+		    "stored cannot be checked; please reconnect.");
 		return;
+	}
+	if (!ok) {
+		/* The mailbox cannot be selected again: the session goes on
+		 * with none selected, and the client is told so (its commands
+		 * that need one get the server's own answer). */
+		log_info("client_reselect_refused", "id=%llu mailbox=%s",
+		    (unsigned long long)c->cl_id, c->cl_name.mailbox);
+		free(c->cl_select_cmd);
+		c->cl_select_cmd = NULL;
+		c->cl_selected = c->cl_select_opaque = false;
+		cl_printf(c, "* NO The selected mailbox could not be opened "
+		    "again after the connection to Exchange was lost; no "
+		    "mailbox is selected now.\r\n");
 	}
 	cl_recover_step(c);
 }
@@ -419,7 +435,7 @@ cl_up_lost(void *arg, const char *reason)
 {
 	struct client *c = arg;
 	struct cl_pend *p = cl_ring_inflight(&c->cl_ring);
-	bool cut = upstream_response_incomplete(c->cl_up);
+	bool cut = c->cl_partial;
 	bool idling = cl_state_idling(c->cl_state);
 	enum cl_redo what = CL_REDO_NONE;
 

@@ -606,6 +606,9 @@ cl_up_frame(void *arg, const struct imap_frame *fr,
 	if (protolog_enabled())
 		cl_plog_response(c, p, resp, fr);
 	out = cl_stage_for(c);
+	/* A line with a literal to follow, or a literal, leaves the client
+	 * holding part of a response until its last line (3.5 R10). */
+	c->cl_partial = fr->kind != IMAP_FR_LINE || !fr->last;
 	if (fr->kind == IMAP_FR_LINE) {
 		/* Copied, so that the lines of one reply share one chain (one
 		 * TLS record); a line lies in in's first chain already. */

@@ -716,6 +716,24 @@ class FakeExchange:
         fn = self.script.get(name)
         return fn(*args) if fn else None
 
+    def _act(self, conn, act):
+        """The answers every command hook may give: a number (think that
+        long, then go on), "drop", "stall", bytes (sent instead).  None:
+        go on as usual; else what the caller returns (False: the
+        connection is over)."""
+        if _is_seconds(act):
+            time.sleep(act)
+            return None
+        if act == "drop":
+            return False
+        if act == "stall":
+            self._stall(conn)
+            return False
+        if isinstance(act, (bytes, bytearray)):
+            self._reply(conn, act)
+            return True
+        return None
+
     def _stall(self, conn):
         while not self.stop_event.is_set() and conn.is_open:
             try:
@@ -834,17 +852,9 @@ class FakeExchange:
         args = toks[2:]
         t = tag + b" "
         act = self._hook("on_command", conn, tag, name, cmd)
-        if _is_seconds(act):
-            time.sleep(act)
-            act = None
-        if act == "drop":
-            return False
-        if act == "stall":
-            self._stall(conn)
-            return False
-        if isinstance(act, (bytes, bytearray)):
-            self._reply(conn, act)
-            return True
+        done = self._act(conn, act)
+        if done is not None:
+            return done
         if isinstance(act, tuple) and act[:1] == ("close",):
             self._reply(conn, act[1])
             time.sleep(0.05)
@@ -932,18 +942,10 @@ class FakeExchange:
                 if line.rstrip(b"\r\n").upper() == b"DONE":
                     break
             conn.idling_tag = None
-            act = self._hook("on_idle_done", conn, tag)
-            if _is_seconds(act):
-                time.sleep(act)
-                act = None
-            if act == "drop":
+            done = self._act(conn, self._hook("on_idle_done", conn, tag))
+            if done is False:
                 return False
-            if act == "stall":
-                self._stall(conn)
-                return False
-            if isinstance(act, (bytes, bytearray)):
-                self._reply(conn, act)
-            else:
+            if done is None:
                 self._reply(conn, t + b"OK IDLE completed.\r\n")
         elif name == "APPEND":
             self._append(conn, t, args)

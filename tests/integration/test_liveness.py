@@ -99,6 +99,8 @@ import harness
 # (client_*.c) as first built; "+fixes": base with the earlier findings
 # patched out locally, which uncovered the later ones.
 REGRESSION_SEEDS = [
+    973866,  # long run: the model took the BAD after a refused re-SELECT
+             # (nothing selected, DESIGN 3.5 R13) for one nothing asked for
     3,   # base, split: BAD to the resync FETCH 1:* -> BYE, attaching STATUS unanswered
     1,   # base: BYE Autologout command_timeout after an answer (timer never re-armed)
          # +fixes: NO to IDLE -> next command taken for DONE, answers out of order;
@@ -127,6 +129,8 @@ QUEUE_TIMEOUT = 3.0      # [pool] queue_timeout
 IDLE_POLL = 1.0          # [pool] idle_poll_interval (its minimum)
 STALL = CMD_TIMEOUT * 1.5  # a "slow" upstream: longer than command_timeout
 MAX_PIPELINE = 6         # outstanding commands per client at most
+# imapshim's warning that the mailbox could not be selected again.
+NOTHING_SELECTED = b"* NO The selected mailbox could not be opened again"
 # Data responses: a command that had some cannot be run again after a loss.
 DATA_RE = re.compile(rb"\* (\d+ FETCH|SEARCH|STATUS|LIST|LSUB)\b", re.I)
 
@@ -518,6 +522,12 @@ class Liveness:
         if item.startswith(b"* "):
             if item[2:5].upper() == b"BYE":
                 c.bye = item.strip()
+                self.note("%r: %r" % (c, item.strip()[:120]))
+            elif item.startswith(NOTHING_SELECTED):
+                # Exchange refused imapshim's re-SELECT after a loss
+                # (DESIGN 3.5 R13): from here the server's answers
+                # follow from no mailbox being selected.
+                c.selected = False
                 self.note("%r: %r" % (c, item.strip()[:120]))
             elif c.pend and DATA_RE.match(item):
                 c.got_data = True

@@ -11,7 +11,8 @@
 # same tests with AddressSanitizer and UndefinedBehaviorSanitizer in
 # build-asan/; every libFuzzer harness for a short while (ASan+UBSan); the
 # functional integration suites once more with the daemon under valgrind
-# memcheck (any error fails the run); "make distcheck" in build/.
+# memcheck (any error fails the run); "make distcheck" in build/; as root,
+# contrib/test-package.sh (build, install, upgrade and purge the .deb).
 # On a failure it prints the failing tests' logs and exits non-zero.  The
 # last line of output is always one summary line of the automake test
 # results of build/ and build-asan/:
@@ -262,6 +263,17 @@ STEP="make distcheck (build/)"
 say "make distcheck in build/"
 unset DISTCHECK_CONFIGURE_FLAGS
 (cd build && make distcheck)
+
+STEP="Debian package (contrib/test-package.sh)"
+if [ "$(id -u)" -eq 0 ] && command -v dpkg-deb >/dev/null 2>&1; then
+	say "build, install, upgrade and purge the Debian package"
+	bash contrib/test-package.sh
+elif [ -n "${CI:-}" ] && [ "${CI:-}" != false ]; then
+	echo "contrib/test.sh: the package test needs root on Debian" >&2
+	exit 1
+else
+	say "not root (or no dpkg): the Debian package test is left out"
+fi
 
 STEP="done"
 # finish (the EXIT trap) prints the summary line.

@@ -638,11 +638,14 @@ class Liveness:
             left = end - time.monotonic()
             if left <= 0:
                 return
-            socks = {c.ic.sock: c for c in self.live()}
+            socks = {c.ic.sock.fileno(): c for c in self.live()}
             if socks:
-                r, _, _ = select.select(list(socks), [], [], min(left, 0.05))
-                for s in r:
-                    c = socks[s]
+                # poll, not select: a long run's descriptors pass 1024
+                p = select.poll()
+                for fd in socks:
+                    p.register(fd, select.POLLIN)
+                for fd, _ in p.poll(min(left, 0.05) * 1000):
+                    c = socks[fd]
                     if not c.gone:
                         self.read(c)
             else:

@@ -99,6 +99,8 @@ import harness
 # (client_*.c) as first built; "+fixes": base with the earlier findings
 # patched out locally, which uncovered the later ones.
 REGRESSION_SEEDS = [
+    803058,  # long run: upstream lost under an idle client, its new login dropped:
+             # BYE "no new session could be had" (R13), which the model did not know
     973866,  # long run: the model took the BAD after a refused re-SELECT
              # (nothing selected, DESIGN 3.5 R13) for one nothing asked for
     3,   # base, split: BAD to the resync FETCH 1:* -> BYE, attaching STATUS unanswered
@@ -595,6 +597,12 @@ class Liveness:
         elif (b"connection to Exchange was lost" in bye
               and len(self.recent(c.mailbox, (LOSS,))) >= 3):
             why = "repeated_loss"
+        elif (b"no new session could be had" in bye
+              and self.recent(c.mailbox, (LOSS,), ("login",))
+              and self.recent(c.mailbox, (LOSS,))):
+            # the session was lost and the login of its replacement
+            # failed too (DESIGN 3.5 R13)
+            why = "no_new_session"
         elif not bye and partial and self.recent(c.mailbox, (LOSS,)):
             why = "cut_mid_response"
         elif bye and c.got_data and self.recent(c.mailbox, (LOSS,)):

@@ -116,8 +116,14 @@ main_warn_config(const struct config *cfg, const struct config_diag *d)
 	free(s);
 }
 
-static void
-main_reload(void)
+/*
+ * Re-read the ini (SIGHUP, the console's "reload").  Returns 0 when the new
+ * settings took effect, or -1 with why the file was rejected in why (the old
+ * settings stay).  Callers that answer somebody (systemd, imapshim-ctl)
+ * report the result; the log has the detail.
+ */
+static int
+main_reload(char *why, size_t whylen)
 {
 	struct config_diag diag;
 	struct config *cfg;
@@ -134,9 +140,10 @@ main_reload(void)
 		    line = strtok_r(NULL, "\n", &save))
 			log_error("reload_rejected", "what=\"%s\"", line);
 		free(s);
-		log_warn("reload", "result=rejected reason=\"errors in %s; old "
-		    "settings kept\"", main_cfg->path);
-		return;
+		snprintf(why, whylen, "errors in %s; old settings kept",
+		    main_cfg->path);
+		log_warn("reload", "result=rejected reason=\"%s\"", why);
+		return -1;
 	}
 	sctx = main_server_ctx(cfg);
 	uctx = main_upstream_ctx(cfg, &ok);
@@ -144,9 +151,9 @@ main_reload(void)
 		tls_ctx_free(sctx);
 		tls_ctx_free(uctx);
 		config_free(cfg);
-		log_warn("reload", "result=rejected reason=\"TLS set-up failed; "
-		    "old settings kept\"");
-		return;
+		snprintf(why, whylen, "TLS set-up failed; old settings kept");
+		log_warn("reload", "result=rejected reason=\"%s\"", why);
+		return -1;
 	}
 	main_warn_config(cfg, &diag);
 	/* Sessions hold their own SSL objects; the contexts are reference
@@ -173,6 +180,8 @@ main_reload(void)
 	lvl = cfg->log_level;
 	log_set_level(lvl);
 	log_info("reload", "result=ok file=%s", cfg->path);
+	snprintf(why, whylen, "ok");
+	return 0;
 }
 
 static void
@@ -214,9 +223,12 @@ main_signal_cb(evutil_socket_t sig, short what, void *arg)
 	(void)what;
 	(void)arg;
 	switch (sig) {
-	case SIGHUP:
-		main_reload();
+	case SIGHUP: {
+		char why[256];
+
+		(void)main_reload(why, sizeof(why));
 		break;
+	}
 	case SIGUSR1:
 		if (log_reopen() != 0)
 			log_warn("log_reopen", "result=failed");

@@ -18,7 +18,8 @@
 # must add; upgrade to +test1 with the ini untouched: dpkg installs the new
 # example, still imapshim's, 0600; add a certificate, a password file and
 # site settings: "-t" as imapshim exits 0, and the daemon (the unit under
-# systemd, else the binary as imapshim) greets on loopback and stops;
+# systemd, else the binary as imapshim) greets on loopback, answers
+# imapshim-ctl on its console socket (imapshim's, mode 600) and stops;
 # upgrade to +test2, keeping the changed ini (--force-confold, as an
 # unattended upgrade would): the site's ini is kept byte for byte, the new
 # example left as imapshim.ini.dpkg-dist; remove: configuration and user
@@ -44,12 +45,15 @@ START=$(date +%s)
 W=
 DAEMON_PID=
 UNIT_STARTED=no
+RUNDIR_MADE=no
 PKG_TOUCHED=no
 STEP="starting"
 
 # What "-t" says about the example as shipped: it names a certificate, a
-# key and a password file that a site has yet to create (README.Debian).
+# key and a password file that a site has yet to create, and warns that one
+# admin account cannot use its session_budget (README.Debian).
 EXPECT_PRISTINE="[admin NPUMAdmin1] password_file: cannot read '/etc/imapshim/NPUMAdmin1.secret': No such file or directory
+[pool] session_budget: session_budget 2048 is more than the admin accounts allow together (16); imapshim will use at most 16
 [shim] tls_cert_file: cannot read '/etc/imapshim/tls/cert.pem': No such file or directory
 [shim] tls_key_file: cannot read '/etc/imapshim/tls/key.pem': No such file or directory"
 
@@ -87,6 +91,7 @@ finish() {
 	set +e
 	trap - EXIT INT TERM
 	stop_daemon
+	[ "$RUNDIR_MADE" = yes ] && rm -rf /run/imapshim
 	# The package was not here before (checked below): leave none behind.
 	if [ "$PKG_TOUCHED" = yes ]; then
 		if [ "$(pkg_status)" != not-installed ]; then
@@ -235,20 +240,27 @@ STEP="installing $V1"
 say "installing $V1"
 install_deb "$DEB1" || fail "apt-get install $DEB1"
 [ "$(pkg_status)" = installed ] || fail "package state '$(pkg_status)'"
-[ "$(/usr/sbin/imapshim -V)" = "imapshim $BASE_VERSION" ] ||
-    fail "imapshim -V says '$(/usr/sbin/imapshim -V)', not 'imapshim $BASE_VERSION'"
+[ "$(/usr/sbin/imapshim -V)" = "imapshim $BASE_VERSION
+features: systemd" ] ||
+    fail "imapshim -V says '$(/usr/sbin/imapshim -V)', not 'imapshim $BASE_VERSION' with systemd (the unit is Type=notify)"
 uid=$(id -u imapshim) || fail "no imapshim user"
 [ "$uid" -lt 1000 ] || fail "imapshim is not a system user (uid $uid)"
 [ "$(getent passwd imapshim | cut -d: -f7)" = /usr/sbin/nologin ] || fail "imapshim has a login shell"
 [ "$(owner_mode /etc/imapshim)" = "imapshim:imapshim 700" ] || fail "/etc/imapshim is $(owner_mode /etc/imapshim)"
 [ "$(owner_mode $INI)" = "imapshim:imapshim 600" ] || fail "$INI is $(owner_mode $INI)"
-for f in /usr/bin/imapshim-top /usr/share/imapshim/exchange-log-summary \
+for f in /usr/bin/imapshim-top /usr/sbin/imapshim-ctl \
+    /usr/share/man/man8/imapshim-ctl.8.gz /usr/share/imapshim/exchange-log-summary \
     /lib/systemd/system/imapshim.service /etc/logrotate.d/imapshim \
     /usr/share/man/man8/imapshim.8.gz /usr/share/man/man5/imapshim.ini.5.gz \
     /usr/share/man/man1/imapshim-top.1.gz; do
 	[ -e "$f" ] || fail "$f not installed"
 done
 /usr/bin/imapshim-top --help >/dev/null || fail "imapshim-top --help"
+# No daemon at that socket: exit 2 (cannot talk to it), with the reason.
+ctl_err=$(/usr/sbin/imapshim-ctl -s /nonexistent/control show stats 2>&1); rc=$?
+[ "$rc" -eq 2 ] || fail "imapshim-ctl without a daemon exited $rc, not 2"
+case $ctl_err in *"cannot connect to /nonexistent/control"*) ;;
+*) fail "imapshim-ctl without a daemon said: $ctl_err" ;; esac
 # Not started and not enabled: the example cannot run (see README.Debian).
 if systemd_running; then
 	[ "$(systemctl is-enabled imapshim.service)" = disabled ] || fail "the unit is enabled"
@@ -292,7 +304,8 @@ chown imapshim:imapshim /etc/imapshim/tls/key.pem /etc/imapshim/tls/cert.pem \
 site_ini=$(sed -e "s|^listen = .*|listen = 127.0.0.1:$P_TLS|" \
     -e "s|^status_listen = .*|status_listen = 127.0.0.1:$P_STATUS|" \
     -e "s|^servers = .*|servers = 127.0.0.1:$P_UP|" \
-    -e "s|^drain_timeout = .*|drain_timeout = 5s|" "$INI") || fail "reading $INI"
+    -e "s|^drain_timeout = .*|drain_timeout = 5s|" \
+    -e "s|^session_budget = .*|session_budget = 16|" "$INI") || fail "reading $INI"
 printf '%s\n; changed by the site\n' "$site_ini" >"$INI" || fail "writing $INI"
 cp -p "$INI" "$W/site.ini" || fail "saving $INI"
 check_t 0
@@ -323,26 +336,43 @@ sys.exit(0 if greeting.startswith("* OK") and body.lstrip().startswith(b"{") els
          "unexpected greeting or /status")
 EOF
 }
+# The operator's console as root (the default control_socket): the socket is
+# the imapshim user's, mode 600, and "show status" answers the /status JSON.
+console() {
+	[ "$(owner_mode /run/imapshim/control)" = "imapshim:imapshim 600" ] ||
+	    { echo "control socket: $(owner_mode /run/imapshim/control)"; return 1; }
+	out=$(t 30 /usr/sbin/imapshim-ctl show status) || return 1
+	case $out in "{"*'"budget"'*) echo "  imapshim-ctl show status: ok" ;; *) return 1 ;; esac
+	t 30 /usr/sbin/imapshim-ctl kick client 1 >/dev/null 2>&1
+	[ $? -eq 1 ] || { echo "kick of no client did not exit 1"; return 1; }
+}
 if systemd_running; then
 	say "starting imapshim.service on 127.0.0.1:$P_TLS"
 	UNIT_STARTED=yes
 	t 90 systemctl start imapshim.service || fail "systemctl start imapshim"
 	probe unit || fail "the unit's daemon does not answer"
+	console || fail "the unit's daemon's console does not answer"
 	t 90 systemctl stop imapshim.service || fail "systemctl stop imapshim"
 	UNIT_STARTED=no
 	systemctl is-active --quiet imapshim.service && fail "the unit still runs"
 else
 	say "no systemd: running /usr/sbin/imapshim as imapshim on 127.0.0.1:$P_TLS"
+	# The console's directory, as the unit's RuntimeDirectory= makes it.
+	RUNDIR_MADE=yes
+	install -d -m 750 -o imapshim -g imapshim /run/imapshim || fail "creating /run/imapshim"
 	setpriv --reuid=imapshim --regid=imapshim --clear-groups \
 	    /usr/sbin/imapshim -c "$INI" >"$W/daemon.log" 2>&1 &
 	DAEMON_PID=$!
 	probe direct || { cat "$W/daemon.log"; fail "the daemon does not answer"; }
+	console || { cat "$W/daemon.log"; fail "the daemon's console does not answer"; }
 	kill -TERM "$DAEMON_PID"
 	for _ in $(seq 300); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
 	kill -0 "$DAEMON_PID" 2>/dev/null && fail "the daemon did not stop on SIGTERM within 30 s"
 	wait "$DAEMON_PID"; rc=$?
 	DAEMON_PID=
 	[ "$rc" -eq 0 ] || { cat "$W/daemon.log"; fail "the daemon exited $rc on SIGTERM"; }
+	[ ! -e /run/imapshim/control ] || fail "the daemon left its console socket behind"
+	rmdir /run/imapshim && RUNDIR_MADE=no
 fi
 pgrep -u imapshim >/dev/null && fail "a process still runs as imapshim"
 

@@ -7,12 +7,13 @@
 #     sudo contrib/test.sh
 #
 # Steps: apt-get install the build and test dependencies; autoreconf; build
-# and "make check" in build/; "make install" into a scratch directory; the
-# same tests with AddressSanitizer and UndefinedBehaviorSanitizer in
-# build-asan/; every libFuzzer harness for a short while (ASan+UBSan); the
-# functional integration suites once more with the daemon under valgrind
-# memcheck (any error fails the run); "make distcheck" in build/; as root,
-# contrib/test-package.sh (build, install, upgrade and purge the .deb).
+# (with libsystemd) and "make check" in build/; "make install" into a
+# scratch directory; the same tests with AddressSanitizer and UBSan in
+# build-asan/ (without libsystemd); every libFuzzer harness for a short
+# while (ASan+UBSan); the functional integration suites once more with the
+# daemon under valgrind memcheck (any error fails the run); "make distcheck"
+# in build/; as root, contrib/test-package.sh (build, install, upgrade and
+# purge the .deb).
 # On a failure it prints the failing tests' logs and exits non-zero.  The
 # last line of output is always one summary line of the automake test
 # results of build/ and build-asan/:
@@ -33,7 +34,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES="build-essential autoconf automake pkg-config libevent-dev libssl-dev
-libinih-dev libcmocka-dev dovecot-imapd openssl python3 python3-pytest
+libinih-dev libsystemd-dev libcmocka-dev dovecot-imapd openssl python3 python3-pytest
 valgrind clang libclang-rt-14-dev
 ca-certificates"
 
@@ -46,7 +47,7 @@ install_only=no
 for arg in "$@"; do
 	case $arg in
 	--install-only) install_only=yes ;;
-	-h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+	-h|--help) sed -n '2,/^#   --install-only/p' "$0"; exit 0 ;;
 	*) echo "contrib/test.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
 	esac
 done
@@ -210,7 +211,7 @@ autoreconf -fi
 STEP="build (build/)"
 say "configure and build in build/"
 mkdir -p build
-(cd build && ../configure && make -j2)
+(cd build && ../configure --with-systemd && make -j2)
 
 STEP="make check (build/)"
 say "make check in build/"
@@ -220,8 +221,8 @@ STEP="make install (build/)"
 say "make install DESTDIR=... in build/"
 dest=$(mktemp -d)
 (cd build && make install DESTDIR="$dest" >/dev/null)
-for f in sbin/imapshim bin/imapshim-top share/man/man8/imapshim.8 \
-    share/man/man5/imapshim.ini.5 etc/imapshim/imapshim.ini.example \
+for f in sbin/imapshim sbin/imapshim-ctl bin/imapshim-top share/man/man8/imapshim.8 \
+    share/man/man8/imapshim-ctl.8 share/man/man5/imapshim.ini.5 etc/imapshim/imapshim.ini.example \
     lib/systemd/system/imapshim.service etc/logrotate.d/imapshim; do
 	if [ ! -e "$dest/usr/local/$f" ]; then
 		echo "make install did not install $f" >&2
@@ -231,12 +232,16 @@ done
 rm -rf "$dest"
 
 STEP="sanitizer build and check (build-asan/)"
-say "configure --enable-sanitizers and make check in build-asan/"
+say "configure --enable-sanitizers --without-systemd and make check in build-asan/"
 mkdir -p build-asan
+# build/ is configured --with-systemd; this one without, so both variants
+# are built and tested (test_notify.py checks each; valgrind below runs it
+# on build/'s).
 (
 	export ASAN_OPTIONS=detect_leaks=1
 	export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-	cd build-asan && ../configure --enable-sanitizers && make -j2 check
+	cd build-asan && ../configure --enable-sanitizers --without-systemd &&
+	    make -j2 check
 )
 
 STEP="fuzzing (tests/fuzz)"
@@ -251,8 +256,10 @@ vg=$(mktemp -d)
 printf '#!/bin/sh\nexec valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite %s "$@"\n' \
     "$PWD/build/src/imapshim" >"$vg/imapshim"
 chmod +x "$vg/imapshim"
+# The tests find imapshim-ctl beside the daemon.
+ln -s "$PWD/build/src/imapshim-ctl" "$vg/imapshim-ctl"
 # Tests of sub-second timeouts measure time, which valgrind stretches.
-for t in test_proxy test_pool test_protolog test_status test_ops; do
+for t in test_proxy test_pool test_protolog test_status test_ops test_notify test_console; do
 	IMAPSHIM="$vg/imapshim" PYTHON3=/usr/bin/python3 \
 	    PYTEST_ADDOPTS="-k 'not login_timeout and not idle_timeout and not second_sigterm and not pacing'" \
 	    bash tests/integration/run-pytest.sh "tests/integration/$t.py"

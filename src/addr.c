@@ -309,3 +309,23 @@ addr_is_ip_literal(const char *host)
 	return inet_pton(AF_INET, host, b) == 1 ||
 	    inet_pton(AF_INET6, host, b) == 1;
 }
+
+bool
+addr_host_is_loopback(const char *host)
+{
+	static const uint8_t v4mapped[12] = { [10] = 0xff, [11] = 0xff };
+	struct in6_addr a6;
+	struct in_addr a4;
+
+	if (host == NULL)
+		return false;
+	if (util_ieq(host, "localhost"))
+		return true;
+	if (inet_pton(AF_INET, host, &a4) == 1)
+		return (ntohl(a4.s_addr) >> 24) == 127;
+	if (inet_pton(AF_INET6, host, &a6) != 1)
+		return false;
+	if (memcmp(a6.s6_addr, v4mapped, sizeof(v4mapped)) == 0)
+		return a6.s6_addr[12] == 127;
+	return IN6_IS_ADDR_LOOPBACK(&a6);
+}

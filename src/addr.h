@@ -48,4 +48,8 @@ bool addr_endpoint_same(const struct addr_endpoint *a,
 /* True when host is an IPv4 or IPv6 literal (no SNI is sent for those). */
 bool addr_is_ip_literal(const char *host);
 
+/* True when host names this machine only: 127.0.0.0/8, ::1 (also
+ * v4-mapped) or "localhost".  "" (any address) is not loopback. */
+bool addr_host_is_loopback(const char *host);
+
 #endif

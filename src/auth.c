@@ -10,6 +10,7 @@
 #include <openssl/evp.h>
 
 #include "imap_parse.h"
+#include "util.h"
 
 /* Largest decoded SASL PLAIN message we accept (authzid, authcid and
  * password together are far smaller); keeps the decode on the stack. */
@@ -255,6 +256,31 @@ auth_parse_login(const char *fmt, const char *name, size_t len,
 		return -1;
 	*out = tmp;
 	return 0;
+}
+
+int
+auth_check_login(const char *fmt, const char *name, size_t len,
+    const char *pass, size_t passlen, auth_password_fn password_of,
+    const void *arg, struct auth_name *out, enum stats_auth_failure *why)
+{
+	const char *want;
+
+	if (auth_parse_login(fmt, name, len, out) != 0) {
+		*why = STATS_AUTH_FAIL_MALFORMED_NAME;
+		return -1;
+	}
+	if ((want = password_of(arg, out->admin, strlen(out->admin))) == NULL) {
+		*why = STATS_AUTH_FAIL_UNKNOWN_ADMIN;
+		goto fail;
+	}
+	if (!util_secret_equal(pass, passlen, want, strlen(want))) {
+		*why = STATS_AUTH_FAIL_WRONG_PASSWORD;
+		goto fail;
+	}
+	return 0;
+fail:
+	memset(out, 0, sizeof(*out));
+	return -1;
 }
 
 /* Base64 alphabet check; returns the number of '=' pads or -1. */

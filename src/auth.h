@@ -18,6 +18,7 @@
 #include <stddef.h>
 
 #include "imapshim.h"
+#include "stats.h"
 
 struct auth_name {
 	char domain[IMAPSHIM_NAME_MAX + 1];	/* "" when the format has none */
@@ -38,6 +39,22 @@ bool auth_format_valid(const char *fmt);
  */
 int auth_parse_login(const char *fmt, const char *name, size_t len,
     struct auth_name *out);
+
+/* The password of the admin account named admin[0..len) (ASCII
+ * case-insensitive), or NULL when there is no such account. */
+typedef const char *(*auth_password_fn)(const void *arg, const char *admin,
+    size_t len);
+
+/*
+ * The decision on a client's login: name split by fmt (auth_parse_login),
+ * its {admin} a known account (password_of), pass that account's password
+ * (compared in constant time).  Returns 0 with the parts in out, or -1 with
+ * why in *why: STATS_AUTH_FAIL_MALFORMED_NAME, _UNKNOWN_ADMIN or
+ * _WRONG_PASSWORD (out is then cleared).
+ */
+int auth_check_login(const char *fmt, const char *name, size_t len,
+    const char *pass, size_t passlen, auth_password_fn password_of,
+    const void *arg, struct auth_name *out, enum stats_auth_failure *why);
 
 /* Letters, digits, '.', '_', '-', '+', '@'; 1..IMAPSHIM_MAILBOX_MAX bytes. */
 bool auth_mailbox_valid(const char *mb, size_t len);

@@ -100,7 +100,6 @@ _Static_assert(nitems(client_kind_names) == CLIENT_KIND_COUNT, "kind names");
 
 static unsigned cl_state_counts[CL_S_COUNT];
 const struct client_env *cl_env;
-const char *cl_drain_bye;
 static TAILQ_HEAD(, client) cl_all = TAILQ_HEAD_INITIALIZER(cl_all);
 static unsigned cl_count;
 static uint64_t cl_next_id = 1;
@@ -362,9 +361,10 @@ cl_close(struct client *c, const char *reason, const char *bye)
 	log_info("client_close", "id=%llu peer=%s mailbox=%s admin=%s state=%s "
 	    "reason=%s bytes_in=%llu bytes_out=%llu duration_ms=%llu",
 	    (unsigned long long)c->cl_id, c->cl_peer,
-	    c->cl_name.mailbox[0] ? c->cl_name.mailbox : "-",
-	    c->cl_admin[0] ? c->cl_admin : "-", cl_state_name(c->cl_state),
-	    reason, (unsigned long long)c->cl_bytes_in,
+	    c->cl_name.mailbox[0] ? log_v(c->cl_name.mailbox) : "-",
+	    c->cl_admin[0] ? log_v(c->cl_admin) : "-",
+	    cl_state_name(c->cl_state), log_v(reason),
+	    (unsigned long long)c->cl_bytes_in,
 	    (unsigned long long)c->cl_bytes_out,
 	    (unsigned long long)(util_now_ms() - c->cl_started_ms));
 	c->cl_close_reason = reason;
@@ -487,7 +487,7 @@ cl_read_cb(struct bufferevent *bev, void *arg)
 
 	c->cl_active_ms = util_now_ms();
 	for (;;) {
-		if (c->cl_logout || cl_drain_bye != NULL ||
+		if (c->cl_logout || c->cl_end_bye != NULL ||
 		    !cl_state_reads(c->cl_state))
 			return;
 		authed = cl_state_kind(c->cl_state) != CLIENT_UNAUTHENTICATED;
@@ -542,6 +542,9 @@ cl_event_cb(struct bufferevent *bev, short what, void *arg)
 		return;
 	}
 	if (what & BEV_EVENT_CONNECTED) {
+		/* Stop watching records for tls_client_failure(). */
+		if (c->cl_ssl != NULL)
+			(void)tls_handshake_done(c->cl_ssl);
 		if (c->cl_state == CL_S_HANDSHAKE) {
 			cl_set_state(c, CL_S_NOTAUTH);
 			cl_send_greeting(c);
@@ -735,22 +738,74 @@ client_free_all(void)
 	cl_stage_free();
 }
 
+/*
+ * End c with "* BYE bye": now, unless a relayed command is in flight (an
+ * IDLE is not such a command): that one gets its tagged reply first (3.6
+ * L2), nothing more is read meanwhile, and the reply closes the session
+ * (client_relay.c).
+ */
+void
+cl_end(struct client *c, const char *reason, const char *bye)
+{
+	if (c->cl_state == CL_S_CLOSING)
+		return;
+	if ((c->cl_state == CL_S_ATTACHED ||
+	    c->cl_state == CL_S_RECOVERING) && c->cl_inflight > 0 &&
+	    !cl_state_idling(c->cl_state) &&
+	    (cl_ring_inflight(&c->cl_ring) == NULL ||
+	    cl_ring_inflight(&c->cl_ring)->rerun != CL_RERUN_IDLE)) {
+		c->cl_end_reason = reason;
+		c->cl_end_bye = bye;
+		return;
+	}
+	cl_close(c, reason, bye);
+}
+
 void
 client_drain(const char *bye)
 {
 	struct client *c, *next;
 
-	cl_drain_bye = bye;
 	for (c = TAILQ_FIRST(&cl_all); c != NULL; c = next) {
 		next = TAILQ_NEXT(c, cl_link);
-		/* A command in flight finishes first (its reply closes the
-		 * session); an IDLE is not such a command. */
-		if ((c->cl_state == CL_S_ATTACHED ||
-		    c->cl_state == CL_S_RECOVERING) && c->cl_inflight > 0 &&
-		    !cl_state_idling(c->cl_state) &&
-		    (cl_ring_inflight(&c->cl_ring) == NULL ||
-		    cl_ring_inflight(&c->cl_ring)->rerun != CL_RERUN_IDLE))
-			continue;
-		cl_close(c, "shutdown", bye);
+		cl_end(c, "shutdown", bye);
 	}
+}
+
+void
+client_foreach(void (*fn)(const struct client_info *ci, void *arg), void *arg)
+{
+	struct client_info ci;
+	struct client *c;
+
+	TAILQ_FOREACH(c, &cl_all, cl_link) {
+		if (c->cl_state == CL_S_CLOSING)
+			continue;
+		ci.id = c->cl_id;
+		ci.peer = c->cl_peer;
+		ci.mailbox = c->cl_name.mailbox;
+		ci.admin = c->cl_admin;
+		ci.state = cl_state_name(c->cl_state);
+		ci.kind = cl_state_kind(c->cl_state);
+		ci.since_ms = c->cl_started_ms;
+		ci.up = c->cl_up;
+		fn(&ci, arg);
+	}
+}
+
+unsigned
+client_kick(uint64_t id, const char *mailbox, const char *bye)
+{
+	struct client *c, *next;
+	unsigned n = 0;
+
+	for (c = TAILQ_FIRST(&cl_all); c != NULL; c = next) {
+		next = TAILQ_NEXT(c, cl_link);
+		if (c->cl_state == CL_S_CLOSING || (mailbox != NULL ?
+		    !util_ieq(c->cl_name.mailbox, mailbox) : c->cl_id != id))
+			continue;
+		cl_end(c, "kicked", bye);
+		n++;
+	}
+	return n;
 }

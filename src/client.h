@@ -14,6 +14,7 @@
 #define CLIENT_H
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <sys/socket.h>
 
 #include <event2/util.h>
@@ -23,6 +24,7 @@ struct event_base;
 struct evdns_base;
 struct config;
 struct client;
+struct upstream;
 
 /* What every client session shares; owned by main.c. */
 struct client_env {
@@ -71,6 +73,25 @@ void client_trim(uint64_t quiet_ms);
 /* Shutting down: close sessions with no command in flight at once (with
  * "* BYE bye"), the others as soon as their command has its reply. */
 void client_drain(const char *bye);
+/* One session as the operator's console shows it. */
+struct client_info {
+	uint64_t id;
+	const char *peer;		/* "address:port" */
+	const char *mailbox;		/* "" before login */
+	const char *admin;		/* admin account, "" before login */
+	const char *state;		/* DESIGN.md A.3's state name */
+	enum client_kind kind;
+	uint64_t since_ms;		/* accepted at (util_now_ms clock) */
+	const struct upstream *up;	/* the leased session, or NULL */
+};
+/* Call fn for every session not closing, oldest first. */
+void client_foreach(void (*fn)(const struct client_info *ci, void *arg),
+    void *arg);
+/* The console's kick: end the session with this id (mailbox NULL), or
+ * every session of mailbox (ASCII case-insensitive; id ignored), the way
+ * client_drain() ends each: "* BYE bye" now, or once the command in
+ * flight has its reply.  Returns how many sessions it ends. */
+unsigned client_kick(uint64_t id, const char *mailbox, const char *bye);
 /* For pool_set_pressure(): park need of the longest-idle clients. */
 void client_pool_pressure(unsigned need);
 

@@ -210,6 +210,10 @@ struct client {
 	char *cl_sip;			/* local address, only with protocol_log */
 	unsigned cl_pl_seq;
 	const char *cl_close_reason;
+	/* Ending (drain, the console's kick): closed with "* BYE cl_end_bye"
+	 * once the command in flight has its reply; nothing more is read. */
+	const char *cl_end_bye;
+	const char *cl_end_reason;
 	struct reap_entry cl_reap;
 	TAILQ_ENTRY(client) cl_link;
 	struct cl_ipq *cl_ipq;		/* while unauthenticated */
@@ -218,7 +222,6 @@ struct client {
 
 /* client.c: lifecycle and state */
 extern const struct client_env *cl_env;
-extern const char *cl_drain_bye;	/* set once shutting down */
 const struct config *cl_cfg(void);
 bool cl_multiplex(void);
 const char *cl_state_name(enum cl_state st);
@@ -233,6 +236,7 @@ void cl_arm_timer(struct client *c, uint64_t ms);
 void cl_timer_update(struct client *c);
 void cl_resume_reading(struct client *c);
 void cl_close(struct client *c, const char *reason, const char *bye);
+void cl_end(struct client *c, const char *reason, const char *bye);
 void cl_ask_pool(struct client *c);
 void cl_forget_upstream(struct client *c);
 void cl_read_cb(struct bufferevent *bev, void *arg);

@@ -159,15 +159,21 @@ cl_send_greeting(struct client *c)
 	cl_printf(c, "* OK [CAPABILITY %s] imapshim ready.\r\n", caps);
 }
 
+/* A login refused here: login is the name as the client sent it (never
+ * the password), NULL when the request did not get as far as a name. */
 static void
-cl_auth_failed(struct client *c)
+cl_auth_failed(struct client *c, enum stats_auth_failure why,
+    const char *login, size_t loginlen)
 {
 	uint64_t delay = (uint64_t)CL_AUTH_DELAY_MS << (c->cl_auth_failures < 8 ?
 	    c->cl_auth_failures : 8);
 
 	c->cl_auth_failures++;
-	log_info("client_auth_fail", "id=%llu peer=%s failures=%u delay_ms=%llu",
-	    (unsigned long long)c->cl_id, c->cl_peer, c->cl_auth_failures,
+	stats_client_auth_failure(why);
+	log_warn("client_auth_fail", "id=%llu peer=%s login=%s reason=%s "
+	    "failures=%u delay_ms=%llu", (unsigned long long)c->cl_id,
+	    c->cl_peer, log_vn(login != NULL ? login : "", loginlen),
+	    stats_auth_failure_names[why], c->cl_auth_failures,
 	    (unsigned long long)delay);
 	cl_set_state(c, CL_S_AUTHDELAY);
 	cl_arm_timer(c, delay);
@@ -194,6 +200,14 @@ cl_auth_answer(struct client *c, const char *text)
 	cl_set_state(c, CL_S_NOTAUTH);
 }
 
+static const char *
+cl_admin_password(const void *arg, const char *name, size_t len)
+{
+	const struct config_admin *admin = config_find_admin(arg, name, len);
+
+	return admin != NULL ? admin->password : NULL;
+}
+
 /* Check credentials locally; a wrong password never reaches Exchange. */
 static void
 cl_check_credentials(struct client *c, const char *user, size_t userlen,
@@ -201,22 +215,19 @@ cl_check_credentials(struct client *c, const char *user, size_t userlen,
 {
 	const struct config *cfg = cl_cfg();
 	const struct config_admin *admin;
+	enum stats_auth_failure why;
 
-	memset(&c->cl_name, 0, sizeof(c->cl_name));
-	if (auth_parse_login(cfg->client_login_format, user, userlen,
-	    &c->cl_name) != 0 ||
-	    (admin = config_find_admin(cfg, c->cl_name.admin,
-	    strlen(c->cl_name.admin))) == NULL ||
-	    !util_secret_equal(pass, passlen, admin->password,
-	    strlen(admin->password))) {
-		memset(&c->cl_name, 0, sizeof(c->cl_name));
-		cl_auth_failed(c);
+	if (auth_check_login(cfg->client_login_format, user, userlen, pass,
+	    passlen, cl_admin_password, cfg, &c->cl_name, &why) != 0) {
+		cl_auth_failed(c, why, user, userlen);
 		return;
 	}
+	admin = config_find_admin(cfg, c->cl_name.admin, strlen(c->cl_name.admin));
+	IMAPSHIM_ASSERT(admin != NULL);
 	snprintf(c->cl_admin, sizeof(c->cl_admin), "%s", admin->name);
 	log_info("client_auth", "id=%llu peer=%s mailbox=%s admin=%s password=%s",
-	    (unsigned long long)c->cl_id, c->cl_peer, c->cl_name.mailbox,
-	    c->cl_admin, LOG_MASKED);
+	    (unsigned long long)c->cl_id, c->cl_peer, log_v(c->cl_name.mailbox),
+	    log_v(c->cl_admin), LOG_MASKED);
 	cl_unauth_remove(c);
 	c->cl_login_us = util_now_us();
 	cl_set_state(c, CL_S_LOGGING_IN);
@@ -254,7 +265,8 @@ cl_cmd_login(struct client *c, const struct imap_tok *tag, struct imap_lexer *lx
 	pl = imap_tok_string(&b, pass, sizeof(pass));
 	if (ul < 0 || pl < 0) {
 		OPENSSL_cleanse(pass, sizeof(pass));
-		cl_auth_failed(c);
+		cl_auth_failed(c, STATS_AUTH_FAIL_MALFORMED_REQUEST,
+		    ul < 0 ? NULL : user, ul < 0 ? 0 : (size_t)ul);
 		return;
 	}
 	cl_check_credentials(c, user, (size_t)ul, pass, (size_t)pl);
@@ -275,7 +287,8 @@ cl_sasl_response(struct client *c, const char *b64, size_t len)
 		/* A different authzid would be a second way to name the
 		 * mailbox; the login name already carries it. */
 		OPENSSL_cleanse(pass, sizeof(pass));
-		cl_auth_failed(c);
+		cl_auth_failed(c, STATS_AUTH_FAIL_MALFORMED_REQUEST, authcid,
+		    strlen(authcid));
 		return;
 	}
 	cl_check_credentials(c, authcid, strlen(authcid), pass, strlen(pass));
@@ -552,14 +565,17 @@ cl_login_failed(struct client *c, enum pool_fail why, const char *reason)
 	cl_auth_answer(c, msg);
 }
 
-/* A TLS handshake with the client failed: say why, readably. */
+/* A TLS handshake with the client failed: count it and say why, readably. */
 void
 cl_log_tls_failure(struct client *c, unsigned long err)
 {
-	char reason[300], value[sizeof(reason) * 4 + 8];
+	char detail[256], offered[16];
+	enum stats_tls_failure r;
 
-	tls_failure_reason(c->cl_ssl, err, reason, sizeof(reason));
-	log_info("client_tls_fail", "id=%llu peer=%s reason=%s",
-	    (unsigned long long)c->cl_id, c->cl_peer,
-	    log_value(value, sizeof(value), reason, strlen(reason)));
+	r = tls_client_failure(c->cl_ssl, err, detail, sizeof(detail), offered,
+	    sizeof(offered));
+	stats_client_tls_failure(r);
+	log_warn("client_tls_failed", "id=%llu peer=%s reason=%s offered=%s "
+	    "detail=%s", (unsigned long long)c->cl_id, c->cl_peer,
+	    stats_tls_failure_names[r], offered, log_v(detail));
 }

@@ -180,8 +180,8 @@ cl_park_done_cb(void *arg, bool ok)
 	c->cl_selected = false;
 	cl_set_state(c, idling ? CL_S_PARKED_IDLE : CL_S_PARKED);
 	log_debug("client_parked", "id=%llu mailbox=%s messages=%zu idle=%s",
-	    (unsigned long long)c->cl_id, c->cl_name.mailbox, c->cl_snap.rs_n,
-	    idling ? "yes" : "no");
+	    (unsigned long long)c->cl_id, log_v(c->cl_name.mailbox),
+	    c->cl_snap.rs_n, idling ? "yes" : "no");
 }
 
 /* PARKING or PARKING_IDLE: record what the client knows, then let go. */
@@ -292,7 +292,7 @@ cl_resync_fail(struct client *c, const char *text)
 		return;
 	}
 	log_info("client_resync_refused", "id=%llu mailbox=%s state=%s",
-	    (unsigned long long)c->cl_id, c->cl_name.mailbox,
+	    (unsigned long long)c->cl_id, log_v(c->cl_name.mailbox),
 	    cl_state_name(c->cl_state));
 	if (u != NULL) {
 		c->cl_up = NULL;

@@ -173,8 +173,8 @@ cl_reattach(struct client *c)
 	    c->cl_up != NULL || c->cl_cur == CL_CUR_RELAY)
 		return;
 	log_info("client_reattach", "id=%llu mailbox=%s redo=%d try=%u",
-	    (unsigned long long)c->cl_id, c->cl_name.mailbox, c->cl_recover,
-	    c->cl_recover_tries);
+	    (unsigned long long)c->cl_id, log_v(c->cl_name.mailbox),
+	    c->cl_recover, c->cl_recover_tries);
 	cl_ask_pool(c);
 }
 
@@ -206,7 +206,7 @@ cl_swap_upstream(struct client *c)
 	struct upstream *u = c->cl_up;
 
 	log_info("client_upstream_worn", "id=%llu mailbox=%s up=%llu",
-	    (unsigned long long)c->cl_id, c->cl_name.mailbox,
+	    (unsigned long long)c->cl_id, log_v(c->cl_name.mailbox),
 	    (unsigned long long)upstream_id(u));
 	c->cl_up = NULL;
 	upstream_set_lessee(u, NULL, NULL);
@@ -253,7 +253,7 @@ cl_recover_done_cb(void *arg, bool ok)
 		 * with none selected, and the client is told so (its commands
 		 * that need one get the server's own answer). */
 		log_info("client_reselect_refused", "id=%llu mailbox=%s",
-		    (unsigned long long)c->cl_id, c->cl_name.mailbox);
+		    (unsigned long long)c->cl_id, log_v(c->cl_name.mailbox));
 		free(c->cl_select_cmd);
 		c->cl_select_cmd = NULL;
 		c->cl_selected = c->cl_select_opaque = false;
@@ -288,13 +288,13 @@ cl_append_decide(struct client *c, struct cl_pend *p)
 	if (c->cl_found_uid == 0) {
 		log_info("client_append_recovered", "id=%llu mailbox=%s "
 		    "result=sent-again", (unsigned long long)c->cl_id,
-		    c->cl_name.mailbox);
+		    log_v(c->cl_name.mailbox));
 		c->cl_recover = CL_REDO_SEND;
 		return;
 	}
 	log_info("client_append_recovered", "id=%llu mailbox=%s "
 	    "result=already-stored uid=%u", (unsigned long long)c->cl_id,
-	    c->cl_name.mailbox, c->cl_found_uid);
+	    log_v(c->cl_name.mailbox), c->cl_found_uid);
 	if (upstream_has_cap(c->cl_up, "UIDPLUS") && c->cl_found_uidvalidity != 0) {
 		snprintf(text, sizeof(text), "OK [APPENDUID %u %u] APPEND "
 		    "completed.", c->cl_found_uidvalidity, c->cl_found_uid);
@@ -442,10 +442,11 @@ cl_up_lost(void *arg, const char *reason)
 	cl_stage_flush_for(c);		/* lines relayed before the loss */
 	cl_forget_upstream(c);
 	stats_login_retry(STATS_RETRY_LOST);
-	log_info("client_upstream_lost", "id=%llu mailbox=%s reason=\"%s\" "
+	log_info("client_upstream_lost", "id=%llu mailbox=%s reason=%s "
 	    "state=%s in_flight=%s cut=%s", (unsigned long long)c->cl_id,
-	    c->cl_name.mailbox, reason, cl_state_name(c->cl_state),
-	    p != NULL ? p->tag : "-", cut ? "yes" : "no");
+	    log_v(c->cl_name.mailbox), log_v(reason),
+	    cl_state_name(c->cl_state), p != NULL ? log_v(p->tag) : "-",
+	    cut ? "yes" : "no");
 	if (cut) {
 		/* The client has part of a response (half a FETCH literal):
 		 * nothing more can be said on that stream, not even BYE. */
@@ -494,8 +495,8 @@ void
 cl_command_overdue(struct client *c)
 {
 	log_warn("client_command_timeout", "id=%llu mailbox=%s state=%s "
-	    "timeout_ms=%llu", (unsigned long long)c->cl_id, c->cl_name.mailbox,
-	    cl_state_name(c->cl_state),
+	    "timeout_ms=%llu", (unsigned long long)c->cl_id,
+	    log_v(c->cl_name.mailbox), cl_state_name(c->cl_state),
 	    (unsigned long long)cl_cfg()->command_timeout_ms);
 	upstream_abort(c->cl_up, "command-timeout");
 	cl_up_lost(c, "no reply within command_timeout");

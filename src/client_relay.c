@@ -356,8 +356,9 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 		p->selects = 1;
 	else if (imap_tok_is(&cmd, "CLOSE") || imap_tok_is(&cmd, "UNSELECT"))
 		p->selects = -1;
-	log_debug("client_command", "id=%llu tag=%s command=%.*s",
-	    (unsigned long long)c->cl_id, p->tag, (int)cmd.len, cmd.p);
+	log_debug("client_command", "id=%llu tag=%s command=%s",
+	    (unsigned long long)c->cl_id, log_v(p->tag),
+	    log_vn(cmd.p, cmd.len));
 	cl_prepare_rerun(c, p, line, fr->text_len, &cmd);
 	c->cl_cur = CL_CUR_RELAY;
 	cl_forward_line(c, fr, line, in);
@@ -547,8 +548,8 @@ cl_up_completed(struct client *c, struct cl_pend *p,
 	cl_pend_flush(c);
 	if (c->cl_state == CL_S_CLOSING)
 		return;
-	if (cl_drain_bye != NULL && c->cl_inflight == 0) {
-		cl_close(c, "shutdown", cl_drain_bye);
+	if (c->cl_end_bye != NULL && c->cl_inflight == 0) {
+		cl_close(c, c->cl_end_reason, c->cl_end_bye);
 		return;
 	}
 	if (c->cl_state == CL_S_ATTACHED && c->cl_inflight == 0 &&

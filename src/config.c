@@ -41,6 +41,7 @@
 #include <strings.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "imapshim.h"
@@ -101,6 +102,8 @@ static int cfg_set_str(const struct cfg_key *, void *, const char *,
 static int cfg_set_str_opt(const struct cfg_key *, void *, const char *,
     bool, char *, size_t);
 static int cfg_set_log_target(const struct cfg_key *, void *, const char *,
+    bool, char *, size_t);
+static int cfg_set_socket_path(const struct cfg_key *, void *, const char *,
     bool, char *, size_t);
 static int cfg_set_secret(const struct cfg_key *, void *, const char *,
     bool, char *, size_t);
@@ -169,6 +172,8 @@ static const struct cfg_key cfg_keys[] = {
 	K_NUM(CFG_S_SHIM, "drain_timeout", cfg_set_duration,
 	    drain_timeout_ms, "30s", 0, UINT64_MAX),
 	K_SET(CFG_S_SHIM, "protocol_log", cfg_set_str_opt, protocol_log, ""),
+	K_SET(CFG_S_SHIM, "control_socket", cfg_set_socket_path,
+	    control_socket, CONFIG_CONTROL_SOCKET),
 	K_SET(CFG_S_SHIM, "user", cfg_set_str_opt, user, ""),
 	K_SET(CFG_S_SHIM, "log_level", cfg_set_log_level, log_level, "info"),
 	K_SET(CFG_S_SHIM, "log_target", cfg_set_log_target, log_target,
@@ -609,6 +614,21 @@ cfg_set_str_opt(const struct cfg_key *k, void *base, const char *v,
 	return 0;
 }
 
+/* A Unix socket's path: absolute, and short enough for sun_path. */
+static int
+cfg_set_socket_path(const struct cfg_key *k, void *base, const char *v,
+    bool append, char *err, size_t errlen)
+{
+	if (*v != '\0' && (v[0] != '/' ||
+	    strlen(v) >= sizeof(((struct sockaddr_un *)NULL)->sun_path))) {
+		cfg_errmsg(err, errlen, "'%s': must be an absolute path of at "
+		    "most %zu bytes, or empty", v,
+		    sizeof(((struct sockaddr_un *)NULL)->sun_path) - 1);
+		return -1;
+	}
+	return cfg_set_str_opt(k, base, v, append, err, errlen);
+}
+
 static int
 cfg_set_log_target(const struct cfg_key *k, void *base, const char *v,
     bool append, char *err, size_t errlen)
@@ -940,7 +960,9 @@ cfg_apply_defaults(struct cfg_state *st, enum cfg_sect sect, void *base)
 	}
 }
 
-/* An admin name goes between '/' in logins: no space, separator or quote. */
+/* An admin name goes between '/' in logins: no space, separator or quote;
+ * no '=' either (Exchange allows none in an account name), so that the name
+ * is a plain token in logs and metric labels. */
 static bool
 cfg_admin_name_ok(const char *s)
 {
@@ -951,7 +973,7 @@ cfg_admin_name_ok(const char *s)
 
 		if (c <= ' ' || c >= 0x7f || c == '/' || c == '\\' ||
 		    c == '"' || c == ';' || c == '[' || c == ']' || c == '{' ||
-		    c == '}')
+		    c == '}' || c == '=')
 			return false;
 	}
 	return true;
@@ -971,8 +993,8 @@ cfg_enter_admin(struct cfg_state *st, const char *name)
 			    "[admin] needs a name: [admin NAME]");
 		else
 			cfg_err(st, st->line, NULL, NULL, "[admin %s]: bad "
-			    "admin name (no spaces, '/', '\\', quotes or "
-			    "brackets)", name);
+			    "admin name (no spaces, '/', '\\', quotes, '=' "
+			    "or brackets)", name);
 		return;
 	}
 	for (i = 0; i < cfg->n_admins; i++) {
@@ -1349,6 +1371,44 @@ cfg_read_password(struct cfg_state *st, bool check_files, size_t ai)
 	OPENSSL_cleanse(buf, sizeof(buf));
 }
 
+/*
+ * Settings that work but expose a password or promise what cannot be had:
+ * warnings, so -t and the start (config_warning) tell the operator.
+ */
+static void
+cfg_warn_settings(struct cfg_state *st)
+{
+	const struct config *cfg = st->cfg;
+	unsigned long long sum = 0;
+	char ep[300];
+	size_t i;
+
+	if (cfg->up_tls == CFG_TLS_NONE)
+		cfg_warn(st, cfg_line(st, "tls"), "upstream", "tls", "none "
+		    "sends the admin accounts' passwords to Exchange in clear "
+		    "(implicit or starttls encrypts them)");
+	/* LOGIN before STARTTLS is possible only on the cleartext listener,
+	 * and only with allow_plaintext_login (client_login.c). */
+	if (cfg->allow_plaintext_login && cfg->has_listen_starttls &&
+	    !addr_host_is_loopback(cfg->listen_starttls.host))
+		cfg_warn(st, cfg_line(st, "allow_plaintext_login"), "shim",
+		    "allow_plaintext_login", "yes while listen_starttls = %s "
+		    "is not a loopback address: clients may send LOGIN, with "
+		    "an admin account's password, over the network in clear",
+		    addr_endpoint_str(&cfg->listen_starttls, ep, sizeof(ep)));
+	/* Only a budget written in the file promises something: the default
+	 * is no more than a ceiling over whatever the accounts allow. */
+	if (cfg->n_admins == 0 || cfg_line(st, "session_budget") == 0)
+		return;
+	for (i = 0; i < cfg->n_admins; i++)
+		sum += cfg->admins[i].max_sessions;
+	if (cfg->session_budget > sum)
+		cfg_warn(st, cfg_line(st, "session_budget"), "pool",
+		    "session_budget", "session_budget %u is more than the "
+		    "admin accounts allow together (%llu); imapshim will use "
+		    "at most %llu", cfg->session_budget, sum, sum);
+}
+
 static void
 cfg_validate(struct cfg_state *st, bool check_files)
 {
@@ -1401,6 +1461,7 @@ cfg_validate(struct cfg_state *st, bool check_files)
 		else if (ad->password_file != NULL)
 			cfg_read_password(st, check_files, i);
 	}
+	cfg_warn_settings(st);
 
 	if (!check_files)
 		return;
@@ -1478,6 +1539,7 @@ config_free(struct config *cfg)
 	free(cfg->allow_from);
 	free(cfg->client_login_format);
 	free(cfg->protocol_log);
+	free(cfg->control_socket);
 	free(cfg->user);
 	free(cfg->log_target);
 	free(cfg->servers);

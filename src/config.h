@@ -20,6 +20,9 @@
 #include "addr.h"
 #include "log.h"
 
+/* control_socket's default, also imapshim-ctl's. */
+#define CONFIG_CONTROL_SOCKET "/run/imapshim/control"
+
 enum config_tls_mode { CFG_TLS_IMPLICIT, CFG_TLS_STARTTLS, CFG_TLS_NONE };
 enum config_pool_mode { CFG_POOL_MULTIPLEX, CFG_POOL_SESSION };
 
@@ -56,6 +59,7 @@ struct config {
 	struct addr_endpoint status_listen;	/* default 127.0.0.1:9143 */
 	uint64_t drain_timeout_ms;		/* default 30s */
 	char *protocol_log;			/* NULL: off */
+	char *control_socket;			/* NULL: no console */
 	char *user;				/* NULL: no privilege drop */
 	enum log_level log_level;		/* default info */
 	char *log_target;			/* default "stderr" */

@@ -91,8 +91,8 @@ listener_error_cb(struct evconnlistener *ev, void *arg)
 	size_t i;
 
 	(void)ev;
-	log_warn("accept_error", "listener=%s reason=\"%s\"", ls->ls_addr,
-	    evutil_socket_error_to_string(err));
+	log_warn("accept_error", "listener=%s reason=%s", ls->ls_addr,
+	    log_v(evutil_socket_error_to_string(err)));
 	/* Out of descriptors: back off instead of busy-looping. */
 	for (i = 0; i < ls_n; i++)
 		evconnlistener_disable(ls_all[i].ls_ev);

@@ -1,4 +1,4 @@
-/* log.c - key=value event lines to stderr, syslog or an appended file. */
+/* log.c - logfmt event lines to stderr, syslog or an appended file. */
 #include "log.h"
 
 #include <assert.h>
@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
@@ -15,6 +17,10 @@
 
 /* Longest line written, newline included; longer ones end in "...". */
 #define LOG_LINE_MAX 4096
+/* "2026-11-27T21:30:00.123Z " */
+#define LOG_TS_LEN 25
+/* Room before a line's text for its head: the timestamp or "<N>". */
+#define LOG_HEAD_MAX 32
 #define LOG_PATH_MAX 4096
 #define LOG_FILE_MODE 0640
 
@@ -37,10 +43,22 @@ static const int log_syslog_prio[] = {
 static_assert(nitems(log_syslog_prio) == LOG_LVL_COUNT,
     "log_syslog_prio out of sync with enum log_level");
 
+/* sd-daemon.h's SD_ERR, SD_WARNING, SD_INFO, SD_DEBUG: the journal reads
+ * them at the start of a line (no libsystemd needed). */
+static const char *const log_journal_prio[] = {
+	"<3>", "<4>", "<6>", "<7>"
+};
+static_assert(nitems(log_journal_prio) == LOG_LVL_COUNT,
+    "log_journal_prio out of sync with enum log_level");
+
 static enum log_level log_level = LOG_LVL_INFO;
 static enum log_target log_target = LOG_T_STDERR;
 static int log_fd = -1;			/* LOG_T_FILE only */
 static char log_path[LOG_PATH_MAX];	/* LOG_T_FILE only */
+static int log_journal = -1;		/* stderr is the journal? -1: unknown */
+
+static char log_v_buf[LOG_V_SLOTS][LOG_V_MAX];
+static unsigned log_v_used;		/* log_v() results since last line */
 
 int
 log_level_parse(const char *s, enum log_level *lvl_r)
@@ -50,7 +68,7 @@ log_level_parse(const char *s, enum log_level *lvl_r)
 	if (s == NULL)
 		return -1;
 	for (i = 0; i < LOG_LVL_COUNT; i++) {
-		if (strcmp(s, log_level_names[i]) == 0) {
+		if (strcasecmp(s, log_level_names[i]) == 0) {
 			*lvl_r = (enum log_level)i;
 			return 0;
 		}
@@ -71,6 +89,28 @@ log_open_file(const char *path)
 {
 	return open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC,
 	    LOG_FILE_MODE);
+}
+
+/*
+ * True when stderr is the journal's stream: systemd sets JOURNAL_STREAM to
+ * "DEV:INODE" of the socket it connected; a child whose stderr was
+ * redirected inherits the variable but not the socket, hence the fstat().
+ */
+static bool
+log_stderr_is_journal(void)
+{
+	const char *js = getenv("JOURNAL_STREAM");
+	unsigned long long dev, ino;
+	struct stat sb;
+	int end = 0;
+
+	if (js == NULL || sscanf(js, "%llu:%llu%n", &dev, &ino, &end) != 2 ||
+	    js[end] != '\0')
+		return false;
+	if (fstat(STDERR_FILENO, &sb) == -1)
+		return false;
+	return (unsigned long long)sb.st_dev == dev &&
+	    (unsigned long long)sb.st_ino == ino;
 }
 
 /* Drop the current target (back to stderr). */
@@ -106,6 +146,7 @@ log_open(const char *target, char *err, size_t errlen)
 	}
 	if (strcmp(target, "stderr") == 0) {
 		log_release();
+		log_journal = log_stderr_is_journal();
 		return 0;
 	}
 	if (strcmp(target, "syslog") == 0) {
@@ -142,8 +183,8 @@ log_reopen(void)
 	if (fd == -1) {
 		/* Keep writing to the old file rather than to nowhere. */
 		saved = errno;
-		log_warn("log_reopen_failed", "path=%s error=\"%s\"",
-		    log_path, strerror(saved));
+		log_warn("log_reopen_failed", "path=%s error=%s",
+		    log_v(log_path), log_v(strerror(saved)));
 		errno = saved;
 		return -1;
 	}
@@ -171,7 +212,8 @@ log_enabled(enum log_level lvl)
 	return lvl <= log_level;
 }
 
-/* "2026-11-27T21:30:00.123Z " into buf; returns its length. */
+/* "2026-11-27T21:30:00.123Z " (LOG_TS_LEN bytes) into buf; returns its
+ * length, 0 when the clock cannot be read. */
 static size_t
 log_timestamp(char *buf, size_t buflen)
 {
@@ -203,25 +245,75 @@ log_write(int fd, const char *line, size_t len)
 	} while (n == -1 && errno == EINTR);
 }
 
+/* Write head, then the line's text (at line) in one write(2). */
+static void
+log_put(int fd, char *line, size_t len, const char *head, size_t head_len)
+{
+	memcpy(line - head_len, head, head_len);
+	log_write(fd, line - head_len, len + head_len);
+}
+
+/*
+ * Cut text to at most room bytes so that it stays logfmt: the value being
+ * written at the cut ends in "..." (inside its quotes when quoted); an
+ * escape sequence is never split; a key cut before its '=' is dropped and
+ * the previous value gets the "...".  Returns the new length.
+ */
+static size_t
+log_cut(char *text, size_t room)
+{
+	size_t i = 0, step, space = 0, n = room - 4;	/* 4: ..." */
+	bool quoted = false, in_key = false;
+
+	while (i < n) {
+		step = 1;
+		if (quoted && text[i] == '\\')
+			step = text[i + 1] == 'x' ? 4 : 2;
+		if (i + step > n)
+			break;
+		if (quoted) {
+			if (text[i] == '"')
+				quoted = false;
+		} else if (text[i] == ' ') {
+			in_key = true;
+			space = i;
+		} else if (in_key && text[i] == '=') {
+			in_key = false;
+		} else if (!in_key && text[i] == '"') {
+			quoted = true;
+		}
+		i += step;
+	}
+	if (in_key)
+		i = space;	/* "level=... event=..." always precedes */
+	/* Just after a closing quote: reopen the value for its "...". */
+	if (!quoted && i > 0 && text[i - 1] == '"') {
+		i--;
+		quoted = true;
+	}
+	memcpy(text + i, "...\"", 4);
+	return i + (quoted ? 4 : 3);
+}
+
 /* Format and emit one line; to_stderr forces a copy to stderr as well. */
 static void
 log_emit(enum log_level lvl, const char *event, const char *fmt, va_list ap,
     bool to_stderr)
 {
-	char line[LOG_LINE_MAX];
+	char buf[LOG_HEAD_MAX + LOG_LINE_MAX];
+	char *line = buf + LOG_HEAD_MAX;	/* the text after the head */
+	char ts[LOG_HEAD_MAX];
 	size_t ts_len, n, room;
 	int m;
 
-	/* The timestamp is written first, and skipped for syslog. */
-	ts_len = log_timestamp(line, sizeof(line));
-	n = ts_len;
-	m = snprintf(line + n, sizeof(line) - n, "level=%s event=%s",
+	ts_len = log_timestamp(ts, sizeof(ts));
+	m = snprintf(line, LOG_LINE_MAX, "level=%s event=%s",
 	    log_level_name(lvl), event != NULL ? event : "-");
 	if (m < 0)
 		return;
-	n += (size_t)m;
-	/* Keep one byte for the newline. */
-	room = sizeof(line) - 1;
+	n = (size_t)m;
+	/* The whole line, timestamp and newline included, fits LOG_LINE_MAX. */
+	room = LOG_LINE_MAX - LOG_TS_LEN - 1;
 	if (n < room && fmt != NULL && *fmt != '\0') {
 		line[n++] = ' ';
 		m = vsnprintf(line + n, room - n + 1, fmt, ap);
@@ -230,29 +322,30 @@ log_emit(enum log_level lvl, const char *event, const char *fmt, va_list ap,
 		else
 			n += (size_t)m;
 	}
-	if (n >= room) {
-		/* Cut: vsnprintf left the text NUL-terminated at room - 1. */
-		n = room;
-		memcpy(line + n - 3, "...", 3);
-	}
+	if (n >= room)
+		n = log_cut(line, room);
 	line[n++] = '\n';
 
 	switch (log_target) {
 	case LOG_T_SYSLOG:
-		syslog(log_syslog_prio[lvl], "%.*s", (int)(n - 1 - ts_len),
-		    line + ts_len);
+		syslog(log_syslog_prio[lvl], "%.*s", (int)(n - 1), line);
 		break;
 	case LOG_T_FILE:
-		log_write(log_fd, line, n);
+		log_put(log_fd, line, n, ts, ts_len);
 		break;
 	case LOG_T_STDERR:
 	case LOG_T_COUNT:
-		log_write(STDERR_FILENO, line, n);
-		to_stderr = false;
+		to_stderr = true;
 		break;
 	}
-	if (to_stderr)
-		log_write(STDERR_FILENO, line, n);
+	if (!to_stderr)
+		return;
+	if (log_journal == -1)
+		log_journal = log_stderr_is_journal();
+	if (log_journal)
+		log_put(STDERR_FILENO, line, n, log_journal_prio[lvl], 3);
+	else
+		log_put(STDERR_FILENO, line, n, ts, ts_len);
 }
 
 void
@@ -264,6 +357,7 @@ log_eventv(enum log_level lvl, const char *event, const char *fmt, va_list ap)
 		lvl = LOG_LVL_ERROR;
 	if (log_enabled(lvl))
 		log_emit(lvl, event, fmt, ap, false);
+	log_v_used = 0;
 	errno = saved;
 }
 
@@ -295,7 +389,8 @@ log_bare_char(unsigned char c)
 	if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
 	    (c >= '0' && c <= '9'))
 		return true;
-	return c != '\0' && strchr("._:/@+-=,*[]()", c) != NULL;
+	/* No '=' and no quote: a logfmt reader would split the pair there. */
+	return c != '\0' && strchr("._:/@+-,*[]()", c) != NULL;
 }
 
 static bool
@@ -397,4 +492,20 @@ log_value(char *buf, size_t buflen, const char *s, size_t len)
 	}
 	log_value_cut(buf, buflen, n, "...\"");
 	return buf;
+}
+
+const char *
+log_vn(const char *s, size_t len)
+{
+	/* Past the slots: a marker, rather than overwrite another value of
+	 * the same line. */
+	if (log_v_used >= LOG_V_SLOTS)
+		return "\"(too many log_v values)\"";
+	return log_value(log_v_buf[log_v_used++], LOG_V_MAX, s, len);
+}
+
+const char *
+log_v(const char *s)
+{
+	return log_vn(s, s != NULL ? strlen(s) : 0);
 }

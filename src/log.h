@@ -1,11 +1,17 @@
 /*
- * log.h - one key=value line per event, to stderr, syslog or a file.
+ * log.h - one logfmt line per event, to stderr, syslog or a file.
  *
- * Owns the log level, the log target and its file descriptor.  Every line
- * starts with a timestamp (stderr/file), "level=" and "event=", followed by
- * the caller's key=value pairs.  Secrets never reach this module unmasked:
- * callers pass LOG_MASKED ("*****") where a password or LOGIN argument would
- * go, and log_value() quotes any value that holds spaces or quotes.
+ * Owns the log level, the log target and its file descriptor, and the one
+ * escaping rule for values.  Every line starts with a timestamp (stderr and
+ * file), "level=" and "event=", followed by the caller's key=value pairs.
+ * When stderr is the systemd journal (JOURNAL_STREAM names it), lines start
+ * with the priority "<N>" instead of the timestamp, for journalctl -p.
+ * Secrets never reach this module unmasked: callers pass LOG_MASKED
+ * ("*****") where a password or LOGIN argument would go.
+ *
+ * A value is written as-is only when it is a known-safe token (a number, a
+ * fixed enum name, host:port from the config); anything else goes through
+ * log_v() (or log_value()), which quotes it when needed.
  */
 #ifndef LOG_H
 #define LOG_H
@@ -24,7 +30,8 @@ enum log_level {
 
 #define LOG_MASKED "*****"
 
-/* Parse "error", "warn", "info", "debug".  Returns 0 or -1. */
+/* Parse "error", "warn", "info", "debug" (ASCII case-insensitive).
+ * Returns 0 or -1. */
 int log_level_parse(const char *s, enum log_level *lvl_r);
 const char *log_level_name(enum log_level lvl);
 
@@ -52,10 +59,27 @@ void log_eventv(enum log_level lvl, const char *event, const char *fmt,
 			log_event(LOG_LVL_DEBUG, ev, __VA_ARGS__); \
 	} while (0)
 
-/* Render s as a log value into buf: bare when it is a plain token, else in
- * double quotes with \" and \\ escaped and control bytes as \xNN.  Returns
- * buf.  Output is cut (with "...") to fit buflen. */
+/* Render s as a log value into buf: bare when it is a plain token (letters,
+ * digits and ._:/@+-,*[]()), else in double quotes with \" and \\ escaped
+ * and control and non-ASCII bytes as \xNN.  Returns buf.  Output is cut
+ * (with "...") to fit buflen. */
 const char *log_value(char *buf, size_t buflen, const char *s, size_t len);
+
+/* How many log_v()/log_vn() results one log line may use; values longer
+ * than LOG_V_MAX - 1 bytes (escaped) are cut. */
+#define LOG_V_SLOTS 8
+#define LOG_V_MAX 1024
+
+/*
+ * log_value() into one of LOG_V_SLOTS static buffers, for use ONLY as an
+ * argument of a log call: log_info("ev", "why=%s", log_v(why)).  The
+ * buffers are reused by the next log line (single-threaded daemon).  A line
+ * asking for more than LOG_V_SLOTS values gets a visible placeholder for
+ * the extra ones instead of another argument's text.  NULL logs as "".
+ */
+const char *log_v(const char *s);
+/* The same for len bytes of s (not NUL-terminated). */
+const char *log_vn(const char *s, size_t len);
 
 /* Print a fatal start-up error and exit(1). */
 void log_fatal(const char *event, const char *fmt, ...)

@@ -15,15 +15,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "client.h"
+#include "console.h"
 #include "imapshim.h"
 #include "listener.h"
 #include "log.h"
+#include "notify.h"
 #include "pool.h"
 #include "protolog.h"
 #include "reap.h"
+#include "stats.h"
 #include "status.h"
 #include "tls.h"
 #include "upstream.h"
@@ -37,6 +41,8 @@ static struct config *main_cfg;
 static struct event_base *main_base;
 static struct event *main_drain_ev;
 static struct event *main_trim_ev;
+static struct event *main_cert_ev;
+static const struct timeval main_cert_tv = { 86400, 0 };
 
 /* How often, and after how long a quiet spell, idle sessions give their
  * TLS buffers back (see client_trim). */
@@ -80,8 +86,39 @@ main_server_ctx(const struct config *cfg)
 	ctx = tls_server_ctx_new(cfg->tls_cert_file, cfg->tls_key_file,
 	    cfg->tls_min_version, err, sizeof(err));
 	if (ctx == NULL)
-		log_error("tls_setup", "side=client reason=%s", err);
+		log_error("tls_setup", "side=client reason=%s", log_v(err));
+	/* The expiry metric and warnings (start and reload). */
+	tls_cert_in_use(ctx, (int64_t)time(NULL));
 	return ctx;
+}
+
+/* imapshim -t: the listener's certificate and key as the start loads them
+ * (key matching, not expired), and a warning when it expires soon.
+ * Returns -1 when the start would fail. */
+static int
+main_check_tls(const struct config *cfg)
+{
+	char msg[600];
+	int rc;
+
+	if (!cfg->has_listen && !cfg->has_listen_starttls)
+		return 0;
+	rc = tls_check_server_files(cfg->tls_cert_file, cfg->tls_key_file,
+	    cfg->tls_min_version, (int64_t)time(NULL), msg, sizeof(msg));
+	if (rc != 0)
+		fprintf(stderr, "%s: [shim] tls_cert_file: %s\n", cfg->path, msg);
+	return rc < 0 ? -1 : 0;
+}
+
+/* Daily: a warning when the listener's certificate (or a server's, between
+ * handshakes) comes within 30 or 7 days of its expiry. */
+static void
+main_cert_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	(void)arg;
+	tls_cert_recheck((int64_t)time(NULL));
 }
 
 static SSL_CTX *
@@ -96,34 +133,29 @@ main_upstream_ctx(const struct config *cfg, bool *ok)
 	ctx = tls_client_ctx_new(cfg->tls_verify, cfg->tls_ca_file, err,
 	    sizeof(err));
 	if (ctx == NULL) {
-		log_error("tls_setup", "side=upstream reason=%s", err);
+		log_error("tls_setup", "side=upstream reason=%s", log_v(err));
 		*ok = false;
 	}
 	return ctx;
 }
 
+/* One log line per line of text (config_load's errors or warnings). */
 static void
-main_warn_config(const struct config *cfg, const struct config_diag *d)
+main_log_diag(enum log_level lvl, const char *event, const char *path,
+    const char *text)
 {
-	char *s, *save, *line;
+	char *s = strdup(text), *save, *line;
 
-	if (d->n_warnings == 0)
-		return;
-	s = strdup(d->warnings);
 	for (line = s ? strtok_r(s, "\n", &save) : NULL; line != NULL;
 	    line = strtok_r(NULL, "\n", &save))
-		log_warn("config_warning", "file=%s what=\"%s\"", cfg->path, line);
+		log_event(lvl, event, "file=%s what=%s", log_v(path),
+		    log_v(line));
 	free(s);
 }
 
-/*
- * Re-read the ini (SIGHUP, the console's "reload").  Returns 0 when the new
- * settings took effect, or -1 with why the file was rejected in why (the old
- * settings stay).  Callers that answer somebody (systemd, imapshim-ctl)
- * report the result; the log has the detail.
- */
+/* main_reload's work: load, check and apply the file, or keep the old. */
 static int
-main_reload(char *why, size_t whylen)
+main_reload_config(char *why, size_t whylen)
 {
 	struct config_diag diag;
 	struct config *cfg;
@@ -134,15 +166,12 @@ main_reload(char *why, size_t whylen)
 	memset(&diag, 0, sizeof(diag));
 	cfg = config_load(main_cfg->path, true, &diag);
 	if (cfg == NULL) {
-		char *s = strdup(diag.errors), *save, *line;
-
-		for (line = s ? strtok_r(s, "\n", &save) : NULL; line != NULL;
-		    line = strtok_r(NULL, "\n", &save))
-			log_error("reload_rejected", "what=\"%s\"", line);
-		free(s);
-		snprintf(why, whylen, "errors in %s; old settings kept",
-		    main_cfg->path);
-		log_warn("reload", "result=rejected reason=\"%s\"", why);
+		main_log_diag(LOG_LVL_ERROR, "reload_rejected", main_cfg->path,
+		    diag.errors);
+		/* The first error names the line; the log has them all. */
+		snprintf(why, whylen, "%.*s; old settings kept",
+		    (int)strcspn(diag.errors, "\n"), diag.errors);
+		log_warn("reload", "result=rejected reason=%s", log_v(why));
 		return -1;
 	}
 	sctx = main_server_ctx(cfg);
@@ -152,10 +181,10 @@ main_reload(char *why, size_t whylen)
 		tls_ctx_free(uctx);
 		config_free(cfg);
 		snprintf(why, whylen, "TLS set-up failed; old settings kept");
-		log_warn("reload", "result=rejected reason=\"%s\"", why);
+		log_warn("reload", "result=rejected reason=%s", log_v(why));
 		return -1;
 	}
-	main_warn_config(cfg, &diag);
+	main_log_diag(LOG_LVL_WARN, "config_warning", cfg->path, diag.warnings);
 	/* Sessions hold their own SSL objects; the contexts are reference
 	 * counted by OpenSSL, so freeing our reference is safe. */
 	tls_ctx_free(main_env.server_ctx);
@@ -168,20 +197,41 @@ main_reload(char *why, size_t whylen)
 		char err[512];
 
 		if (protolog_open(cfg->protocol_log, err, sizeof(err)) != 0)
-			log_warn("protocol_log", "reason=\"%s\"", err);
+			log_warn("protocol_log", "reason=%s", log_v(err));
 	}
 	main_env.cfg = cfg;
 	listener_set_config(cfg);
 	pool_default_env(main_base, main_env.dns, uctx);
 	pool_set_config(cfg);
 	status_set_config(cfg);
+	console_set_config(cfg);
 	config_free(main_cfg);
 	main_cfg = cfg;
 	lvl = cfg->log_level;
 	log_set_level(lvl);
-	log_info("reload", "result=ok file=%s", cfg->path);
+	log_info("reload", "result=ok file=%s", log_v(cfg->path));
 	snprintf(why, whylen, "ok");
 	return 0;
+}
+
+/*
+ * Re-read the ini (SIGHUP, the console's "reload").  Returns 0 when the new
+ * settings took effect, or -1 with why the file was rejected in why (the old
+ * settings stay).  Callers that answer somebody (imapshim-ctl) report the
+ * result; the log has the detail.  systemd and the reload gauges learn it
+ * here, whoever asked.
+ */
+static int
+main_reload(char *why, size_t whylen)
+{
+	int rc;
+
+	notify_reloading();
+	rc = main_reload_config(why, whylen);
+	stats_reload(rc == 0 ? STATS_RELOAD_OK : STATS_RELOAD_REJECTED,
+	    (int64_t)time(NULL));
+	notify_ready("reload %s%s", rc == 0 ? "" : "rejected: ", why);
+	return rc;
 }
 
 static void
@@ -242,6 +292,7 @@ main_signal_cb(evutil_socket_t sig, short what, void *arg)
 			break;
 		}
 		main_draining = true;
+		notify_stopping();
 		status_stop();
 		/* Idle sessions go now, busy ones after their reply. */
 		client_drain("imapshim shutting down.");
@@ -257,6 +308,23 @@ main_signal_cb(evutil_socket_t sig, short what, void *arg)
 	}
 }
 
+/* The periodic systemd STATUS: counters the modules keep, no walk. */
+static void
+main_load_cb(struct notify_load *l_r)
+{
+	unsigned counts[CLIENT_KIND_COUNT];
+	struct pool_stats ps;
+
+	client_counts(counts);
+	pool_get_stats(&ps);
+	l_r->nl_unauthenticated = counts[CLIENT_UNAUTHENTICATED];
+	l_r->nl_attached = counts[CLIENT_ATTACHED];
+	l_r->nl_parked = counts[CLIENT_PARKED];
+	l_r->nl_waiting = counts[CLIENT_WAITING];
+	l_r->nl_sessions = ps.sessions;
+	l_r->nl_budget = main_cfg->session_budget;
+}
+
 static int
 main_drop_privileges(const char *user)
 {
@@ -264,25 +332,27 @@ main_drop_privileges(const char *user)
 
 	errno = 0;
 	if ((pw = getpwnam(user)) == NULL) {
-		log_error("privileges", "user=%s reason=\"no such user\"", user);
+		log_error("privileges", "user=%s reason=\"no such user\"",
+		    log_v(user));
 		return -1;
 	}
 	if (getuid() == pw->pw_uid && geteuid() == pw->pw_uid) {
-		log_info("privileges", "user=%s already", user);
+		log_info("privileges", "user=%s result=already", log_v(user));
 		return 0;
 	}
 	if (setgroups(1, &pw->pw_gid) != 0 || setgid(pw->pw_gid) != 0 ||
 	    setuid(pw->pw_uid) != 0) {
-		log_error("privileges", "user=%s reason=\"%s\"", user,
-		    strerror(errno));
+		log_error("privileges", "user=%s reason=%s", log_v(user),
+		    log_v(strerror(errno)));
 		return -1;
 	}
 	/* Prove it: regaining root must now fail. */
 	if (pw->pw_uid != 0 && setuid(0) == 0) {
-		log_error("privileges", "user=%s reason=\"could regain root\"", user);
+		log_error("privileges", "user=%s reason=\"could regain root\"",
+		    log_v(user));
 		return -1;
 	}
-	log_info("privileges", "user=%s uid=%u gid=%u", user,
+	log_info("privileges", "user=%s uid=%u gid=%u", log_v(user),
 	    (unsigned)pw->pw_uid, (unsigned)pw->pw_gid);
 	return 0;
 }
@@ -331,7 +401,10 @@ main(int argc, char **argv)
 			check = true;
 			break;
 		case 'V':
-			printf("imapshim %s\n", PACKAGE_VERSION);
+			/* The features line tells tests and operators
+			 * whether Type=notify can work with this binary. */
+			printf("imapshim %s\nfeatures: %s\n", PACKAGE_VERSION,
+			    notify_supported() ? "systemd" : "none");
 			return 0;
 		case 'h':
 			main_usage(stdout);
@@ -351,22 +424,29 @@ main(int argc, char **argv)
 		main_print_diag(&diag);
 		if (main_cfg == NULL)
 			return 1;
+		if (main_check_tls(main_cfg) != 0) {
+			config_free(main_cfg);
+			return 1;
+		}
 		printf("%s: configuration is valid\n", path);
 		config_free(main_cfg);
 		return 0;
 	}
 	if (main_cfg == NULL) {
-		main_print_diag(&diag);
-		return 1;
+		/* Running, not checking: what is wrong goes to the log, as
+		 * logfmt lines like everything else (the journal's priority). */
+		main_log_diag(LOG_LVL_ERROR, "config_error", path, diag.errors);
+		main_log_diag(LOG_LVL_WARN, "config_warning", path,
+		    diag.warnings);
+		log_fatal("start", "reason=\"errors in the configuration\"");
 	}
 	log_set_level(main_cfg->log_level);
-	if (log_open(main_cfg->log_target, err, sizeof(err)) != 0) {
-		fprintf(stderr, "imapshim: %s\n", err);
-		return 1;
-	}
-	main_warn_config(main_cfg, &diag);
+	if (log_open(main_cfg->log_target, err, sizeof(err)) != 0)
+		log_fatal("start", "reason=%s", log_v(err));
+	main_log_diag(LOG_LVL_WARN, "config_warning", main_cfg->path,
+	    diag.warnings);
 	if (protolog_open(main_cfg->protocol_log, err, sizeof(err)) != 0)
-		log_fatal("start", "reason=\"%s\"", err);
+		log_fatal("start", "reason=%s", log_v(err));
 	if (!main_cfg->tls_verify)
 		log_warn("tls_verify_off", "reason=\"[upstream] tls_verify = no: "
 		    "Exchange certificates are NOT verified\"");
@@ -390,12 +470,17 @@ main(int argc, char **argv)
 	pool_init(main_cfg, &pool_default_ops);
 	pool_set_pressure(client_pool_pressure);
 	if (listener_start(main_base, main_cfg, err, sizeof(err)) != 0)
-		log_fatal("start", "reason=\"%s\"", err);
+		log_fatal("start", "reason=%s", log_v(err));
+	stats_started((int64_t)time(NULL));
 	if (status_start(main_base, main_cfg, err, sizeof(err)) != 0)
-		log_fatal("start", "reason=\"%s\"", err);
+		log_fatal("start", "reason=%s", log_v(err));
+	/* Before the privilege drop: the socket's directory may be root's. */
+	if (console_start(main_base, main_cfg, main_reload, err,
+	    sizeof(err)) != 0)
+		log_fatal("start", "reason=%s", log_v(err));
 	if (main_cfg->user != NULL && main_drop_privileges(main_cfg->user) != 0)
-		log_fatal("start", "reason=\"cannot switch to user %s\"",
-		    main_cfg->user);
+		log_fatal("start", "reason=\"cannot switch to user\" user=%s",
+		    log_v(main_cfg->user));
 	for (i = 0; i < nitems(sigs); i++) {
 		sigs[i] = evsignal_new(main_base, signums[i], main_signal_cb, NULL);
 		if (sigs[i] == NULL || evsignal_add(sigs[i], NULL) != 0)
@@ -403,12 +488,18 @@ main(int argc, char **argv)
 	}
 	main_drain_ev = evtimer_new(main_base, main_drain_cb, NULL);
 	main_trim_ev = event_new(main_base, -1, EV_PERSIST, main_trim_cb, NULL);
-	if (main_drain_ev == NULL || main_trim_ev == NULL)
+	main_cert_ev = event_new(main_base, -1, EV_PERSIST, main_cert_cb, NULL);
+	if (main_drain_ev == NULL || main_trim_ev == NULL || main_cert_ev == NULL)
 		log_fatal("start", "reason=\"cannot create timers\"");
 	event_add(main_trim_ev, &main_trim_tv);
+	event_add(main_cert_ev, &main_cert_tv);
+	if (notify_start(main_base, main_load_cb) != 0)
+		log_fatal("start", "reason=\"cannot create the systemd timers\"");
 	log_info("ready", "version=%s config=%s servers=%zu admins=%zu",
-	    PACKAGE_VERSION, main_cfg->path, main_cfg->n_servers,
+	    PACKAGE_VERSION, log_v(main_cfg->path), main_cfg->n_servers,
 	    main_cfg->n_admins);
+	notify_ready("ready; servers %zu, admin accounts %zu, session budget %u",
+	    main_cfg->n_servers, main_cfg->n_admins, main_cfg->session_budget);
 
 	event_base_dispatch(main_base);
 
@@ -424,8 +515,11 @@ main(int argc, char **argv)
 		event_free(sigs[i]);
 	event_free(main_drain_ev);
 	event_free(main_trim_ev);
+	event_free(main_cert_ev);
+	notify_stop();
 	listener_stop();
 	status_stop();
+	console_stop();
 	evdns_base_free(main_env.dns, 0);
 	tls_ctx_free(main_env.server_ctx);
 	tls_ctx_free(main_env.upstream_ctx);

@@ -158,6 +158,12 @@ static struct {
 	uint64_t next_id;
 
 	uint64_t reuses, logins_ok, logins_failed, queue_timeouts;
+	/* The operator's console (DESIGN 3.6): paused, no new logins at all;
+	 * draining, bit i = server i, no new logins there and its sessions
+	 * logged out as they become free.  Neither is configuration: both
+	 * survive a reload (drain by server name). */
+	bool paused;
+	uint64_t draining;
 	void (*pressure)(unsigned need);
 	uint64_t pass;			/* serve_queue passes, for pe_claimed */
 	unsigned need;			/* waiters short of a slot, last pass */
@@ -236,6 +242,16 @@ static uint64_t
 bit(size_t i)
 {
 	return i < 64 ? (uint64_t)1 << i : 0;
+}
+
+/* Every configured server is drained (the console): no login can start. */
+static bool
+pool_all_drained(void)
+{
+	size_t n = P.cfg->n_servers < 64 ? P.cfg->n_servers : 64;
+
+	return n > 0 && P.draining == (n == 64 ? UINT64_MAX :
+	    (((uint64_t)1 << n) - 1));
 }
 
 /* "host:port" of e's server, or "removed" once a reload dropped it. */
@@ -582,7 +598,7 @@ entry_close(struct pool_entry *e, const char *reason)
 	log_debug("pool_close", "entry=%llu mailbox=%s admin=%s state=%s "
 	    "reason=%s", (unsigned long long)e->pe_id,
 	    lv(mb, sizeof(mb), e->pe_mailbox), e->pe_admin->pa_name,
-	    pool_state_names[e->pe_state], reason);
+	    pool_state_names[e->pe_state], log_v(reason));
 	entry_mark_closing(e);
 	if (e->pe_up != NULL)
 		P.ops->close(e->pe_up, reason);
@@ -592,9 +608,10 @@ entry_close(struct pool_entry *e, const char *reason)
 static void
 entry_to_idle(struct pool_entry *e)
 {
-	if (e->pe_admin->pa_removed || P.shut) {
+	if (e->pe_admin->pa_removed || P.shut ||
+	    (P.draining & bit(e->pe_server)) != 0) {
 		entry_close(e, e->pe_admin->pa_removed ? "admin-removed" :
-		    "shutdown");
+		    P.shut ? "shutdown" : "server-drained");
 		return;
 	}
 	entry_detach_waiter(e);
@@ -832,9 +849,9 @@ waiter_final(struct pool_waiter *w, const char *why, const char *explain)
 	retry_negcache_add(waiter_domain(w), w->pw_mailbox, now);
 	retry_mailbox_at_fault(waiter_domain(w), w->pw_mailbox);
 	log_info("pool_mailbox_refused", "mailbox=%s attribution=mailbox "
-	    "refusals=%u attempts=%u evidence=\"%s\" cached_ms=%llu",
+	    "refusals=%u attempts=%u evidence=%s cached_ms=%llu",
 	    lv(mb, sizeof(mb), w->pw_mailbox), w->pw_refusals,
-	    w->pw_attempts, why,
+	    w->pw_attempts, log_v(why),
 	    (unsigned long long)P.cfg->negative_cache_ttl_ms);
 	snprintf(w->pw_explain, sizeof(w->pw_explain), "%s", explain);
 	waiter_fail(w, POOL_FAIL_AUTH, w->pw_reason);
@@ -1015,11 +1032,11 @@ pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
 		end = "too many attempts";
 	if (end != NULL) {
 		log_info("pool_login_failed", "entry=%llu mailbox=%s admin=%s "
-		    "server=%s class=%s label=%s attempts=%u end=\"%s\" "
+		    "server=%s class=%s label=%s attempts=%u end=%s "
 		    "attribution=%s reason=%s", (unsigned long long)e->pe_id,
 		    lv(mb, sizeof(mb), w->pw_mailbox), a->pa_name,
 		    entry_server(e, srv, sizeof(srv)), class_name(cls),
-		    v.rv_label, w->pw_attempts, end,
+		    v.rv_label, w->pw_attempts, log_v(end),
 		    fail == POOL_FAIL_UNAVAILABLE ? "server" : "exchange",
 		    lv(rv, sizeof(rv), reason));
 		waiter_fail(w, fail, w->pw_reason);
@@ -1209,6 +1226,10 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	const struct pool_good *probe = NULL;
 	char mb[80];
 
+	/* Paused, or every server drained: wait (queue_timeout bounds it)
+	 * without evicting anybody's idle session. */
+	if (P.paused || pool_all_drained())
+		return OPEN_NO_TOKEN;
 	if (P.total >= cfg->session_budget || P.n_admins == 0)
 		return OPEN_NO_ROOM;
 	/* Every account keeps failing: new logins are spaced out. */
@@ -1269,14 +1290,14 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	if (w->pw_attempts == 0)
 		/* retry_server_pick(now, -1) without its last resort (a
 		 * server still in its cooldown): wait for the probe then. */
-		server = retry_server_pick_except(now, 0);
+		server = retry_server_pick_except(now, P.draining);
 	else {
 		server = (size_t)-1;
 		if (w->pw_last_server != (size_t)-1)
-			server = retry_server_pick_except(now,
+			server = retry_server_pick_except(now, P.draining |
 			    w->pw_servers_failed | bit(w->pw_last_server));
 		if (server == (size_t)-1)
-			server = retry_server_pick_except(now,
+			server = retry_server_pick_except(now, P.draining |
 			    w->pw_servers_failed);
 	}
 	if (server >= cfg->n_servers) {
@@ -1543,6 +1564,10 @@ expire_waiters(uint64_t now, uint64_t *next)
 		    w->pw_entry->pe_state == PE_LOGIN)
 			snprintf(w->pw_explain, sizeof(w->pw_explain),
 			    "Exchange did not answer the login in time");
+		else if (P.paused || pool_all_drained())
+			snprintf(w->pw_explain, sizeof(w->pw_explain),
+			    "new logins are %s by the operator", P.paused ?
+			    "paused" : "held (every server drained)");
 		else if (retry_slowdown())
 			snprintf(w->pw_explain, sizeof(w->pw_explain),
 			    "new logins are slowed down while Exchange "
@@ -1721,6 +1746,7 @@ pool_set_config(const struct config *cfg)
 			e->pe_server = server_remap(P.cfg, cfg, e->pe_server);
 	waiters_remap(&P.queue, P.cfg, cfg);
 	waiters_remap(&P.deliver, P.cfg, cfg);
+	P.draining = server_mask_remap(P.cfg, cfg, P.draining);
 	P.cfg = cfg;
 	pool_build_admins(cfg);
 	retry_configure(cfg);
@@ -1883,12 +1909,14 @@ pool_release(struct upstream *u, enum pool_release how)
 		reason = "shutdown";
 	else if (e->pe_admin->pa_removed)
 		reason = "admin-removed";
+	else if ((P.draining & bit(e->pe_server)) != 0)
+		reason = "server-drained";
 	else if (failed >= POOL_RETIRE_FAILED || bad >= POOL_RETIRE_BAD)
 		reason = "retire-counters";
 	if (reason != NULL) {
 		log_debug("pool_release", "entry=%llu how=close reason=%s "
-		    "failed=%u bad=%u", (unsigned long long)e->pe_id, reason,
-		    failed, bad);
+		    "failed=%u bad=%u", (unsigned long long)e->pe_id,
+		    log_v(reason), failed, bad);
 		entry_close(e, reason);
 		return;
 	}
@@ -2080,4 +2108,65 @@ pool_session_worn(const struct upstream *u)
 		return false;
 	failed = P.ops->failed_responses(u, &bad);
 	return failed >= POOL_RETIRE_FAILED || bad >= POOL_RETIRE_BAD;
+}
+
+void
+pool_pause(bool on)
+{
+	if (!P.init || P.paused == on)
+		return;
+	P.paused = on;
+	log_info(on ? "pool_paused" : "pool_resumed", "waiters=%u sessions=%u",
+	    P.n_queued, P.total);
+	pool_kick();		/* resume: the queue is served now */
+}
+
+bool
+pool_is_paused(void)
+{
+	return P.paused;
+}
+
+int
+pool_server_drain(size_t server, bool on)
+{
+	struct pool_entry *e, *en;
+	unsigned closed = 0;
+	char srv[300];
+
+	if (!P.init || P.shut || server >= P.cfg->n_servers || server >= 64)
+		return -1;
+	if (((P.draining & bit(server)) != 0) == on)
+		return 0;
+	if (on)
+		P.draining |= bit(server);
+	else
+		P.draining &= ~bit(server);
+	/* Idle sessions there are logged out now; busy ones when their
+	 * client gives them back (pool_release, entry_to_idle). */
+	if (on)
+		TAILQ_FOREACH_SAFE(e, &P.lists[PE_IDLE], pe_link, en)
+			if (e->pe_server == server) {
+				entry_close(e, "server-drained");
+				closed++;
+			}
+	log_info(on ? "pool_server_drain" : "pool_server_enable",
+	    "server=%s idle_closed=%u", addr_endpoint_str(
+	    &P.cfg->servers[server], srv, sizeof(srv)), closed);
+	pool_kick();
+	return 0;
+}
+
+bool
+pool_server_draining(size_t server)
+{
+	return P.init && (P.draining & bit(server)) != 0;
+}
+
+size_t
+pool_session_server(const struct upstream *u)
+{
+	const struct pool_entry *e = P.init ? entry_lookup(u) : NULL;
+
+	return e != NULL ? e->pe_server : (size_t)-1;
 }

@@ -212,4 +212,29 @@ void pool_foreach_session(void (*fn)(const struct pool_session_info *si,
 /* State names pool_session_info.state takes, in order, NULL-terminated. */
 extern const char *const pool_state_names[];
 
+/*
+ * The operator's console (DESIGN.md 3.6).  Neither setting is
+ * configuration: both last until changed back or the process ends, and
+ * survive a reload (a drained server by its name).
+ *
+ * pool_pause(true): no new upstream login starts (like PgBouncer's PAUSE);
+ * waiters stay queued, bounded by queue_timeout as always, and are still
+ * served by pooled sessions of their mailbox; sessions already logged in
+ * keep working.  pool_pause(false) serves the queue at once.
+ *
+ * pool_server_drain(i, true): no new login on server i (index into
+ * cfg->servers, below 64); its idle sessions are logged out now, the
+ * others when their lessee releases them, so clients move to the other
+ * servers as their sessions become free.  While every server is drained
+ * logins wait as if paused.  false: enabled again.  Returns 0, or -1 for
+ * a server it cannot name.
+ */
+void pool_pause(bool on);
+bool pool_is_paused(void);
+int pool_server_drain(size_t server, bool on);
+bool pool_server_draining(size_t server);
+/* The server (index into cfg->servers) of a session the pool counts, or
+ * (size_t)-1 (unknown session, or its server removed by a reload). */
+size_t pool_session_server(const struct upstream *u);
+
 #endif

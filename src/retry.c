@@ -471,7 +471,6 @@ void
 retry_server_failed(size_t server, const char *reason, uint64_t now_ms)
 {
 	struct retry_server *s;
-	char rv[300];
 
 	if (server >= R.n_servers)
 		return;
@@ -486,8 +485,7 @@ retry_server_failed(size_t server, const char *reason, uint64_t now_ms)
 		s->rs_probing = false;
 		s->rs_until = now_ms + R.server_cooldown_ms;
 		log_debug("retry_server_still_down", "server=%s failures=%u "
-		    "reason=%s", s->rs_name, s->rs_fails,
-		    log_value(rv, sizeof(rv), s->rs_last, strlen(s->rs_last)));
+		    "reason=%s", s->rs_name, s->rs_fails, log_v(s->rs_last));
 		return;
 	}
 	if (s->rs_fails < R.fail_threshold)
@@ -497,15 +495,13 @@ retry_server_failed(size_t server, const char *reason, uint64_t now_ms)
 	s->rs_until = now_ms + R.server_cooldown_ms;
 	log_warn("retry_server_down", "server=%s failures=%u cooldown_ms=%llu "
 	    "reason=%s", s->rs_name, s->rs_fails,
-	    (unsigned long long)R.server_cooldown_ms,
-	    log_value(rv, sizeof(rv), s->rs_last, strlen(s->rs_last)));
+	    (unsigned long long)R.server_cooldown_ms, log_v(s->rs_last));
 }
 
 void
 retry_server_ok(size_t server)
 {
 	struct retry_server *s;
-	char rv[300];
 
 	if (server >= R.n_servers)
 		return;
@@ -513,7 +509,7 @@ retry_server_ok(size_t server)
 	if (s->rs_down)
 		log_info("retry_server_up", "server=%s failures=%u "
 		    "last_failure=%s", s->rs_name, s->rs_fails,
-		    log_value(rv, sizeof(rv), s->rs_last, strlen(s->rs_last)));
+		    log_v(s->rs_last));
 	s->rs_down = false;
 	s->rs_probing = false;
 	s->rs_fails = 0;

@@ -30,6 +30,19 @@ const char *const stats_attribution_names[STATS_ATTR_COUNT] = {
 	"mailbox", "admin", "server", "exchange",
 };
 
+const char *const stats_tls_failure_names[STATS_TLS_FAIL_COUNT] = {
+	"protocol_version", "no_shared_cipher", "certificate", "plaintext",
+	"other",
+};
+
+const char *const stats_auth_failure_names[STATS_AUTH_FAIL_COUNT] = {
+	"malformed_name", "unknown_admin", "wrong_password", "malformed_request",
+};
+
+const char *const stats_reload_result_names[STATS_RELOAD_COUNT] = {
+	"ok", "rejected",
+};
+
 static struct stats_snapshot st;
 
 static void
@@ -106,9 +119,36 @@ stats_client_refused(void)
 }
 
 void
+stats_client_tls_failure(enum stats_tls_failure r)
+{
+	st.client_tls_failures[r]++;
+}
+
+void
+stats_client_auth_failure(enum stats_auth_failure r)
+{
+	st.client_auth_failures[r]++;
+}
+
+void
 stats_upstream_tls(int resumed)
 {
 	st.tls_handshakes[resumed != 0]++;
+}
+
+void
+stats_started(int64_t unix_s)
+{
+	st.last_reload_ok = 1;
+	st.last_reload_unix_s = unix_s;
+}
+
+void
+stats_reload(enum stats_reload_result r, int64_t unix_s)
+{
+	st.reloads[r]++;
+	st.last_reload_ok = r == STATS_RELOAD_OK;
+	st.last_reload_unix_s = unix_s;
 }
 
 const struct stats_snapshot *

@@ -4,9 +4,10 @@
  * Owns every cumulative metric value of the process (monotonic counters
  * and fixed-bucket histograms); gauges (clients by state, sessions by
  * admin/server/state, queue length, server health) are read from their
- * owning modules at scrape time instead.  Modules record events through
- * these functions only; recording is a few integer operations, no
- * allocation, so it is fine on the relay path.
+ * owning modules at scrape time instead (except the last reload's result
+ * and time, recorded here with the reload counters).  Modules record
+ * events through these functions only; recording is a few integer
+ * operations, no allocation, so it is fine on the relay path.
  */
 #ifndef STATS_H
 #define STATS_H
@@ -88,6 +89,41 @@ void stats_command(enum stats_command c, uint64_t us);
 void stats_client_refused(void);	/* closed at accept */
 void stats_upstream_tls(int resumed);	/* an upstream TLS handshake completed */
 
+/* imapshim_client_tls_failures_total{reason}: why a client's TLS handshake
+ * failed (tls_client_failure() decides). */
+enum stats_tls_failure {
+	STATS_TLS_FAIL_PROTOCOL_VERSION,	/* no TLS version in common */
+	STATS_TLS_FAIL_NO_SHARED_CIPHER,	/* no cipher suite or group in common */
+	STATS_TLS_FAIL_CERTIFICATE,	/* the client rejected our certificate */
+	STATS_TLS_FAIL_PLAINTEXT,	/* cleartext (IMAP, HTTP) on the TLS port */
+	STATS_TLS_FAIL_OTHER,
+	STATS_TLS_FAIL_COUNT
+};
+void stats_client_tls_failure(enum stats_tls_failure r);
+
+/* imapshim_client_auth_failures_total{reason}: a client's LOGIN or
+ * AUTHENTICATE refused by imapshim itself (auth_check_login() decides). */
+enum stats_auth_failure {
+	STATS_AUTH_FAIL_MALFORMED_NAME,	/* does not fit client_login_format */
+	STATS_AUTH_FAIL_UNKNOWN_ADMIN,	/* no [admin NAME] of that name */
+	STATS_AUTH_FAIL_WRONG_PASSWORD,	/* not that admin account's password */
+	STATS_AUTH_FAIL_MALFORMED_REQUEST,	/* undecodable SASL PLAIN, an
+					 * argument too long, another authzid */
+	STATS_AUTH_FAIL_COUNT
+};
+void stats_client_auth_failure(enum stats_auth_failure r);
+
+/* imapshim_reloads_total{result} and the last reload's gauges. */
+enum stats_reload_result {
+	STATS_RELOAD_OK,
+	STATS_RELOAD_REJECTED,	/* the old settings stayed */
+	STATS_RELOAD_COUNT
+};
+/* The start counts as a successful load for the "last reload" gauges
+ * (success 1, time = start time) but not as a reload. */
+void stats_started(int64_t unix_s);
+void stats_reload(enum stats_reload_result r, int64_t unix_s);
+
 /* Read-only view for status.c. */
 struct stats_snapshot {
 	uint64_t logins[STATS_LOGIN_COUNT];
@@ -97,6 +133,11 @@ struct stats_snapshot {
 	uint64_t queue_timeouts;
 	uint64_t clients_refused;
 	uint64_t tls_handshakes[2];	/* [0] full, [1] resumed */
+	uint64_t client_tls_failures[STATS_TLS_FAIL_COUNT];
+	uint64_t client_auth_failures[STATS_AUTH_FAIL_COUNT];
+	uint64_t reloads[STATS_RELOAD_COUNT];
+	int last_reload_ok;		/* 1 or 0 */
+	int64_t last_reload_unix_s;	/* last attempt, or the start */
 	struct stats_hist queue_wait;
 	struct stats_hist command[STATS_CMD_COUNT];
 };
@@ -104,6 +145,9 @@ const struct stats_snapshot *stats_get(void);
 extern const char *const stats_login_result_names[STATS_LOGIN_COUNT];	/* "ok", "refused", "error" */
 extern const char *const stats_retry_reason_names[STATS_RETRY_COUNT];	/* "connect", ... */
 extern const char *const stats_attribution_names[STATS_ATTR_COUNT];	/* "mailbox", ... */
+extern const char *const stats_tls_failure_names[STATS_TLS_FAIL_COUNT];	/* "protocol_version", ... */
+extern const char *const stats_auth_failure_names[STATS_AUTH_FAIL_COUNT];	/* "malformed_name", ... */
+extern const char *const stats_reload_result_names[STATS_RELOAD_COUNT];	/* "ok", "rejected" */
 
 /* Tests only: back to zero. */
 void stats_reset(void);

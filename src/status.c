@@ -10,18 +10,20 @@
  *
  * /metrics: Prometheus text exposition format 0.0.4 (DESIGN.md 3.6 names).
  * /status: one JSON object:
- *   {"version", "uptime_seconds", "mode",
+ *   {"version", "uptime_seconds", "mode", "paused",
  *    "budget": {"total", "used", "free"},
  *    "queue": {"length", "oldest_wait_seconds"},
  *    "clients": {"unauthenticated", "attached", "parked", "waiting"},
  *    "admins": [{"name", "max_sessions", "sessions": {state: n, ...},
  *                "used", "free", "quarantined", "configured"}],
- *    "servers": [{"server": "host:port", "up", "consecutive_failures",
+ *    "servers": [{"server": "host:port", "up", "draining",
+ *                 "consecutive_failures",
  *                 "last_failure": string or null}],
  *    "counters": {"logins": {"ok", "refused", "error"}, "reuse",
  *                 "queue_timeouts", "clients_refused",
  *                 "tls_handshakes": {"full", "resumed"},
- *                 "login_retries": {reason: n, ...}}}
+ *                 "login_retries": {reason: n, ...}},
+ *    "reload": {"last_success", "last_timestamp_seconds", "ok", "rejected"}}
  * "admins" lists the configured accounts in file order, then any account
  * removed by a reload that still has sessions ("configured": false).
  *
@@ -55,6 +57,7 @@
 #include "pool.h"
 #include "retry.h"
 #include "stats.h"
+#include "tls.h"
 #include "util.h"
 
 #ifndef PACKAGE_VERSION
@@ -545,6 +548,59 @@ metrics_servers(struct evbuffer *out, const struct config *cfg, uint64_t now)
 		prom_u64(out, "imapshim_server_consecutive_failures", "server",
 		    addr_endpoint_str(&cfg->servers[i], srv, sizeof(srv)),
 		    retry_server_failures(i));
+	prom_family(out, "imapshim_server_draining", "gauge",
+	    "1 while an operator drains an upstream server (imapshim-ctl "
+	    "drain server): no new logins there.");
+	for (i = 0; cfg != NULL && i < cfg->n_servers; i++)
+		prom_u64(out, "imapshim_server_draining", "server",
+		    addr_endpoint_str(&cfg->servers[i], srv, sizeof(srv)),
+		    pool_server_draining(i) ? 1 : 0);
+	prom_family(out, "imapshim_paused", "gauge",
+	    "1 while an operator has paused new upstream logins "
+	    "(imapshim-ctl pause).");
+	prom_u64(out, "imapshim_paused", NULL, NULL, pool_is_paused() ? 1 : 0);
+}
+
+/* Client handshake and login failures by reason (every reason, 0
+ * included) and the expiry of the certificates in use. */
+static void
+metrics_tls_auth(struct evbuffer *out, const struct config *cfg,
+    const struct stats_snapshot *s)
+{
+	static const char *const keys[2] = { "side", "server" };
+	const char *vals[2];
+	char srv[300], num[32];
+	int64_t na;
+	size_t i;
+
+	prom_family(out, "imapshim_client_tls_failures_total", "counter",
+	    "Client TLS handshakes that failed, by reason.");
+	for (i = 0; i < STATS_TLS_FAIL_COUNT; i++)
+		prom_u64(out, "imapshim_client_tls_failures_total", "reason",
+		    stats_tls_failure_names[i], s->client_tls_failures[i]);
+	prom_family(out, "imapshim_client_auth_failures_total", "counter",
+	    "Client logins refused by imapshim itself, by reason.");
+	for (i = 0; i < STATS_AUTH_FAIL_COUNT; i++)
+		prom_u64(out, "imapshim_client_auth_failures_total", "reason",
+		    stats_auth_failure_names[i], s->client_auth_failures[i]);
+	prom_family(out, "imapshim_tls_certificate_expiry_timestamp_seconds",
+	    "gauge", "Unix time when a certificate expires: side=\"client\" "
+	    "the one clients see, side=\"upstream\" each server's as its last "
+	    "handshake showed.");
+	vals[0] = tls_side_names[TLS_SIDE_CLIENT];
+	vals[1] = "";
+	if (cfg != NULL && (cfg->has_listen || cfg->has_listen_starttls) &&
+	    tls_cert_expiry(TLS_SIDE_CLIENT, "", &na))
+		prom_sample(out, "imapshim_tls_certificate_expiry_timestamp_seconds",
+		    keys, vals, 2, fmt_u64(num, sizeof(num), (uint64_t)na));
+	vals[0] = tls_side_names[TLS_SIDE_UPSTREAM];
+	for (i = 0; cfg != NULL && i < cfg->n_servers; i++) {
+		vals[1] = addr_endpoint_str(&cfg->servers[i], srv, sizeof(srv));
+		if (tls_cert_expiry(TLS_SIDE_UPSTREAM, srv, &na))
+			prom_sample(out,
+			    "imapshim_tls_certificate_expiry_timestamp_seconds",
+			    keys, vals, 2, fmt_u64(num, sizeof(num), (uint64_t)na));
+	}
 }
 
 static void
@@ -607,6 +663,27 @@ metrics_counters(struct evbuffer *out, const struct stats_snapshot *s)
 	}
 }
 
+static void
+metrics_reload(struct evbuffer *out, const struct stats_snapshot *s)
+{
+	size_t i;
+
+	prom_family(out, "imapshim_last_reload_success", "gauge",
+	    "1 when the last reload took effect (or none was tried since the "
+	    "start), 0 when it was rejected and the old settings stayed.");
+	prom_u64(out, "imapshim_last_reload_success", NULL, NULL,
+	    (uint64_t)s->last_reload_ok);
+	prom_family(out, "imapshim_last_reload_timestamp_seconds", "gauge",
+	    "Unix time of the last reload attempt (the start time before any).");
+	prom_u64(out, "imapshim_last_reload_timestamp_seconds", NULL, NULL,
+	    (uint64_t)s->last_reload_unix_s);
+	prom_family(out, "imapshim_reloads_total", "counter",
+	    "Reloads (SIGHUP, the console's reload) by result.");
+	for (i = 0; i < STATS_RELOAD_COUNT; i++)
+		prom_u64(out, "imapshim_reloads_total", "result",
+		    stats_reload_result_names[i], s->reloads[i]);
+}
+
 static int
 status_metrics(struct evbuffer *out)
 {
@@ -640,6 +717,7 @@ status_metrics(struct evbuffer *out)
 	metrics_sessions(out, &agg);
 	metrics_admins(out, cfg, now);
 	metrics_servers(out, cfg, now);
+	metrics_tls_auth(out, cfg, s);
 	prom_family(out, "imapshim_queue_length", "gauge",
 	    "Clients waiting for an upstream session.");
 	prom_u64(out, "imapshim_queue_length", NULL, NULL, ps.waiters);
@@ -648,6 +726,7 @@ status_metrics(struct evbuffer *out)
 	prom_sample(out, "imapshim_queue_oldest_wait_seconds", NULL, NULL, 0,
 	    fmt_fixed(num, sizeof(num), ps.oldest_wait_ms, 3));
 	metrics_counters(out, s);
+	metrics_reload(out, s);
 	agg_free(&agg);
 	return 0;
 }
@@ -661,26 +740,48 @@ status_render_metrics(struct evbuffer *out)
 
 /* ----------------------------------------------------------------- /status */
 
+/* An admin row's cap, sessions and quarantine (a removed account: no cap,
+ * the sessions it still has, never quarantined). */
+static void
+agg_admin_totals(const struct st_agg *a, const struct st_row *row,
+    uint64_t now, unsigned *max, unsigned *used, bool *quarantined)
+{
+	*max = 0;
+	*used = row->sr_total;
+	*quarantined = false;
+	if (row->sr_configured) {
+		*max = a->cfg->admins[row->sr_admin].max_sessions;
+		*used = pool_admin_sessions(row->sr_admin);
+		*quarantined = retry_admin_quarantined(row->sr_admin, now);
+	}
+}
+
+/* Sessions of a row in state k, over all servers. */
+static unsigned
+agg_row_state(const struct st_agg *a, const struct st_row *row, size_t k)
+{
+	unsigned n = 0;
+	size_t i;
+
+	for (i = 0; i < a->n_srv; i++)
+		n += row->sr_cnt[i * a->n_states + k];
+	return n;
+}
+
 static void
 json_admin(struct evbuffer *out, const struct st_agg *a,
     const struct st_row *row, uint64_t now)
 {
-	const struct config *cfg = a->cfg;
-	unsigned max = 0, used = row->sr_total, n;
-	bool quarantined = false;
-	size_t i, k;
+	unsigned max, used, n;
+	bool quarantined;
+	size_t k;
 
-	if (row->sr_configured) {
-		max = cfg->admins[row->sr_admin].max_sessions;
-		used = pool_admin_sessions(row->sr_admin);
-		quarantined = retry_admin_quarantined(row->sr_admin, now);
-	}
+	agg_admin_totals(a, row, now, &max, &used, &quarantined);
 	evbuffer_add_printf(out, "{\"name\":");
 	json_str(out, row->sr_name);
 	evbuffer_add_printf(out, ",\"max_sessions\":%u,\"sessions\":{", max);
 	for (k = 0; k < a->n_states; k++) {
-		for (n = 0, i = 0; i < a->n_srv; i++)
-			n += row->sr_cnt[i * a->n_states + k];
+		n = agg_row_state(a, row, k);
 		if (n == 0 && pool_state_names[k] == NULL)
 			continue;	/* "other": only when it happens */
 		evbuffer_add_printf(out, "%s", k > 0 ? "," : "");
@@ -705,8 +806,10 @@ json_servers(struct evbuffer *out, const struct config *cfg, uint64_t now)
 		evbuffer_add_printf(out, "%s{\"server\":", i > 0 ? "," : "");
 		json_str(out, addr_endpoint_str(&cfg->servers[i], srv,
 		    sizeof(srv)));
-		evbuffer_add_printf(out, ",\"up\":%s,\"consecutive_failures\":%u,"
-		    "\"last_failure\":", retry_server_up(i, now) ? "true" : "false",
+		evbuffer_add_printf(out, ",\"up\":%s,\"draining\":%s,"
+		    "\"consecutive_failures\":%u,\"last_failure\":",
+		    retry_server_up(i, now) ? "true" : "false",
+		    pool_server_draining(i) ? "true" : "false",
 		    retry_server_failures(i));
 		last = retry_server_last_failure(i);
 		if (last == NULL || last[0] == '\0')
@@ -745,6 +848,17 @@ json_counters(struct evbuffer *out, const struct stats_snapshot *s)
 	evbuffer_add_printf(out, "}}");
 }
 
+static void
+json_reload(struct evbuffer *out, const struct stats_snapshot *s)
+{
+	evbuffer_add_printf(out, "\"reload\":{\"last_success\":%s,"
+	    "\"last_timestamp_seconds\":%lld,\"ok\":%llu,\"rejected\":%llu}",
+	    s->last_reload_ok ? "true" : "false",
+	    (long long)s->last_reload_unix_s,
+	    (unsigned long long)s->reloads[STATS_RELOAD_OK],
+	    (unsigned long long)s->reloads[STATS_RELOAD_REJECTED]);
+}
+
 static int
 status_json(struct evbuffer *out)
 {
@@ -771,8 +885,9 @@ status_json(struct evbuffer *out)
 	else
 		json_str(out, cfg->pool_mode == CFG_POOL_SESSION ? "session" :
 		    "multiplex");
-	evbuffer_add_printf(out, ",\"budget\":{\"total\":%u,\"used\":%u,"
-	    "\"free\":%u}", budget, ps.sessions,
+	evbuffer_add_printf(out, ",\"paused\":%s,\"budget\":{\"total\":%u,"
+	    "\"used\":%u,\"free\":%u}", pool_is_paused() ? "true" : "false",
+	    budget, ps.sessions,
 	    budget > ps.sessions ? budget - ps.sessions : 0);
 	evbuffer_add_printf(out, ",\"queue\":{\"length\":%u,"
 	    "\"oldest_wait_seconds\":%s}", ps.waiters,
@@ -793,6 +908,8 @@ status_json(struct evbuffer *out)
 	json_servers(out, cfg, now);
 	evbuffer_add(out, ",", 1);
 	json_counters(out, stats_get());
+	evbuffer_add(out, ",", 1);
+	json_reload(out, stats_get());
 	evbuffer_add_printf(out, "}\n");
 	agg_free(&agg);
 	return 0;
@@ -803,6 +920,93 @@ status_render_json(struct evbuffer *out)
 {
 	if (status_json(out) != 0)
 		evbuffer_add_printf(out, "{\"error\":\"out of memory\"}\n");
+}
+
+/* ------------------------------------------------ the console's tables */
+
+/* key=value for the console (after sep): the value bare, or quoted as in
+ * the log. */
+static void
+text_kv(struct evbuffer *out, const char *sep, const char *key,
+    const char *val)
+{
+	char buf[600];
+
+	evbuffer_add_printf(out, "%s%s=%s", sep, key, log_value(buf,
+	    sizeof(buf), val, strlen(val)));
+}
+
+int
+status_render_pools(struct evbuffer *out)
+{
+	const struct config *cfg = st_cfg;
+	unsigned max, used, budget = cfg != NULL ? cfg->session_budget : 0;
+	struct pool_stats ps;
+	struct st_agg agg;
+	uint64_t now = util_now_ms();
+	bool quarantined;
+	char num[32];
+	size_t r, k;
+
+	if (agg_collect(&agg, cfg) != 0)
+		return -1;
+	pool_get_stats(&ps);
+	evbuffer_add_printf(out, "budget=%u used=%u free=%u queue=%u "
+	    "oldest_wait_seconds=%s paused=%s mode=%s\n", budget, ps.sessions,
+	    budget > ps.sessions ? budget - ps.sessions : 0, ps.waiters,
+	    fmt_fixed(num, sizeof(num), ps.oldest_wait_ms, 3),
+	    pool_is_paused() ? "yes" : "no", cfg != NULL &&
+	    cfg->pool_mode == CFG_POOL_SESSION ? "session" : "multiplex");
+	for (r = 0; r < agg.n_rows; r++) {
+		const struct st_row *row = &agg.rows[r];
+
+		agg_admin_totals(&agg, row, now, &max, &used, &quarantined);
+		text_kv(out, "", "admin", row->sr_name);
+		evbuffer_add_printf(out, " max_sessions=%u used=%u free=%u", max,
+		    used, max > used ? max - used : 0);
+		for (k = 0; k < agg.n_states; k++) {
+			unsigned n = agg_row_state(&agg, row, k);
+
+			if (n > 0 || pool_state_names[k] != NULL)
+				evbuffer_add_printf(out, " %s=%u",
+				    agg_state_name(k), n);
+		}
+		evbuffer_add_printf(out, " quarantined=%s configured=%s\n",
+		    quarantined ? "yes" : "no",
+		    row->sr_configured ? "yes" : "no");
+	}
+	agg_free(&agg);
+	return 0;
+}
+
+int
+status_render_servers(struct evbuffer *out)
+{
+	const struct config *cfg = st_cfg;
+	struct st_agg agg;
+	uint64_t now = util_now_ms();
+	char srv[300];
+	size_t i, r, k;
+
+	if (agg_collect(&agg, cfg) != 0)
+		return -1;
+	for (i = 0; cfg != NULL && i < cfg->n_servers; i++) {
+		unsigned n = 0;
+
+		for (r = 0; r < agg.n_rows; r++)
+			for (k = 0; k < agg.n_states; k++)
+				n += agg.rows[r].sr_cnt[i * agg.n_states + k];
+		text_kv(out, "", "server", agg_server_label(&agg, i, srv,
+		    sizeof(srv)));
+		evbuffer_add_printf(out, " up=%s draining=%s sessions=%u "
+		    "consecutive_failures=%u", retry_server_up(i, now) ? "yes" :
+		    "no", pool_server_draining(i) ? "yes" : "no", n,
+		    retry_server_failures(i));
+		text_kv(out, " ", "last_failure", retry_server_last_failure(i));
+		evbuffer_add(out, "\n", 1);
+	}
+	agg_free(&agg);
+	return 0;
 }
 
 /* -------------------------------------------------------------------- http */

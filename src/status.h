@@ -26,4 +26,15 @@ void status_stop(void);
 void status_render_metrics(struct evbuffer *out);
 void status_render_json(struct evbuffer *out);
 
+/*
+ * The operator's console's tables, one line per item of key=value pairs
+ * (values quoted as in the log where needed), from the same counters as
+ * /status.  pools: a first line with the budget, queue, paused and mode,
+ * then one per admin account (sessions per pool state); servers: one per
+ * configured server (up, draining, sessions, failures).  Return 0, or -1
+ * when out of memory.
+ */
+int status_render_pools(struct evbuffer *out);
+int status_render_servers(struct evbuffer *out);
+
 #endif

@@ -5,8 +5,10 @@
 #include <openssl/x509v3.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "addr.h"
+#include "log.h"
 
 /*
  * ECDHE only: finite-field DHE trips Windows Schannel's leading-zero bug
@@ -16,12 +18,14 @@
 #define TLS_CIPHERS \
 	"ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:!aNULL:!eNULL:!MD5:!DSS:!RC4:!3DES"
 
-/* ex_data slot where we keep the first record header bytes we read. */
+/* ex_data slot where we keep the first record header bytes we read (and,
+ * on a client's connection, the version its ClientHello offered). */
 static int tls_peek_idx = -1;
 
 struct tls_peek {
 	unsigned char hdr[5];
 	size_t len;
+	int offered;		/* highest version offered; 0: not seen */
 };
 
 /*
@@ -115,6 +119,128 @@ tls_err_string(char *buf, size_t buflen, unsigned long e)
 	ERR_error_string_n(e, buf, buflen);
 }
 
+/* x's notAfter in Unix seconds (0 when unreadable). */
+static int64_t
+tls_not_after(const X509 *x)
+{
+	struct tm tm;
+
+	if (x == NULL || ASN1_TIME_to_tm(X509_get0_notAfter(x), &tm) != 1)
+		return 0;
+	return (int64_t)timegm(&tm);
+}
+
+/* t as "2026-01-31T23:59:59Z".  Returns buf. */
+static const char *
+tls_time_str(int64_t t, char *buf, size_t buflen)
+{
+	time_t tt = (time_t)t;
+	struct tm tm;
+
+	if (gmtime_r(&tt, &tm) == NULL ||
+	    strftime(buf, buflen, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+		snprintf(buf, buflen, "%lld", (long long)t);
+	return buf;
+}
+
+/* True when b[0..len) looks like text (IMAP, HTTP) rather than a TLS
+ * record, whose first byte is a content type of 20..24. */
+static bool
+tls_is_text(const unsigned char *b, size_t len)
+{
+	size_t i;
+
+	if (len == 0 || (b[0] >= 20 && b[0] <= 24))
+		return false;
+	for (i = 0; i < len; i++)
+		if (b[i] < 0x20 || b[i] > 0x7e)
+			return false;
+	return true;
+}
+
+static void
+tls_exdata_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+    void *argp)
+{
+	(void)parent;
+	(void)ad;
+	(void)idx;
+	(void)argl;
+	(void)argp;
+	OPENSSL_free(ptr);
+}
+
+static void
+tls_indexes_init(void)
+{
+	if (tls_peek_idx < 0)
+		tls_peek_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL,
+		    tls_exdata_free);
+	if (tls_resume_idx < 0)
+		tls_resume_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL,
+		    tls_exdata_free);
+}
+
+/* Keep the first record header the peer sent: if it is plaintext such as
+ * "* BYE" (a server) or "a1 LOGIN" (a client) we can say so. */
+static void
+tls_msg_cb(int write_p, int version, int content_type, const void *buf,
+    size_t len, SSL *ssl, void *arg)
+{
+	struct tls_peek *pk;
+
+	(void)version;
+	(void)arg;
+	if (write_p || content_type != SSL3_RT_HEADER || tls_peek_idx < 0)
+		return;
+	pk = SSL_get_ex_data(ssl, tls_peek_idx);
+	if (pk == NULL || pk->len != 0)
+		return;
+	pk->len = len < sizeof(pk->hdr) ? len : sizeof(pk->hdr);
+	memcpy(pk->hdr, buf, pk->len);
+}
+
+/* Note the highest version the client offers, before OpenSSL picks one
+ * (or refuses them all).  A TLS 1.3 client says TLS 1.2 in the legacy
+ * field and lists its versions in supported_versions. */
+static int
+tls_client_hello_cb(SSL *ssl, int *al, void *arg)
+{
+	struct tls_peek *pk = SSL_get_ex_data(ssl, tls_peek_idx);
+	const unsigned char *ext;
+	size_t len, i;
+	int v;
+
+	(void)al;
+	(void)arg;
+	if (pk == NULL)
+		return SSL_CLIENT_HELLO_SUCCESS;
+	pk->offered = (int)SSL_client_hello_get0_legacy_version(ssl);
+	if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_supported_versions,
+	    &ext, &len) == 1 && len >= 1 && (size_t)ext[0] + 1 <= len) {
+		for (i = 1; i + 1 < (size_t)ext[0] + 1; i += 2) {
+			v = ext[i] << 8 | ext[i + 1];
+			/* Skip GREASE (0x?a?a) and drafts: not 3.x. */
+			if (ext[i] == 3 && v > pk->offered)
+				pk->offered = v;
+		}
+	}
+	return SSL_CLIENT_HELLO_SUCCESS;
+}
+
+/* A peek record for ssl; false when out of memory. */
+static bool
+tls_peek_attach(SSL *ssl)
+{
+	struct tls_peek *pk = OPENSSL_zalloc(sizeof(*pk));
+
+	if (pk == NULL || SSL_set_ex_data(ssl, tls_peek_idx, pk) != 1) {
+		OPENSSL_free(pk);
+		return false;
+	}
+	return true;
+}
+
 static void
 tls_ctx_common(SSL_CTX *ctx)
 {
@@ -140,18 +266,38 @@ tls_server_ctx_new(const char *cert_file, const char *key_file,
 		snprintf(err, errlen, "SSL_CTX_new failed");
 		return NULL;
 	}
+	tls_indexes_init();
 	tls_ctx_common(ctx);
 	SSL_CTX_set_min_proto_version(ctx, min_version);
 	SSL_CTX_set_cipher_list(ctx, TLS_CIPHERS);
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
 	SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"imapshim", 8);
+	/* For tls_client_failure(): what the client sent and offered. */
+	SSL_CTX_set_msg_callback(ctx, tls_msg_cb);
+	SSL_CTX_set_client_hello_cb(ctx, tls_client_hello_cb, NULL);
 	if (SSL_CTX_use_certificate_chain_file(ctx, cert_file) != 1) {
 		tls_err_string(e, sizeof(e), ERR_get_error());
 		snprintf(err, errlen, "cannot load certificate %s: %s", cert_file, e);
 		goto fail;
 	}
+	if (X509_cmp_current_time(X509_get0_notAfter(
+	    SSL_CTX_get0_certificate(ctx))) <= 0) {
+		snprintf(err, errlen, "certificate %s has expired (%s)",
+		    cert_file, tls_time_str(tls_not_after(
+		    SSL_CTX_get0_certificate(ctx)), e, sizeof(e)));
+		goto fail;
+	}
 	if (SSL_CTX_use_PrivateKey_file(ctx, key_file, SSL_FILETYPE_PEM) != 1) {
-		tls_err_string(e, sizeof(e), ERR_get_error());
+		unsigned long ke = ERR_get_error();
+
+		/* OpenSSL checks the pair as it loads the key. */
+		if (ERR_GET_LIB(ke) == ERR_LIB_X509 &&
+		    ERR_GET_REASON(ke) == X509_R_KEY_VALUES_MISMATCH) {
+			snprintf(err, errlen, "key %s does not match "
+			    "certificate %s", key_file, cert_file);
+			goto fail;
+		}
+		tls_err_string(e, sizeof(e), ke);
 		snprintf(err, errlen, "cannot load key %s: %s", key_file, e);
 		goto fail;
 	}
@@ -168,37 +314,6 @@ fail:
 	return NULL;
 }
 
-/* Keep the first record header the peer sent: if it is plaintext such as
- * "* BYE" we can say what the server really answered. */
-static void
-tls_msg_cb(int write_p, int version, int content_type, const void *buf,
-    size_t len, SSL *ssl, void *arg)
-{
-	struct tls_peek *pk;
-
-	(void)version;
-	(void)arg;
-	if (write_p || content_type != SSL3_RT_HEADER || tls_peek_idx < 0)
-		return;
-	pk = SSL_get_ex_data(ssl, tls_peek_idx);
-	if (pk == NULL || pk->len != 0)
-		return;
-	pk->len = len < sizeof(pk->hdr) ? len : sizeof(pk->hdr);
-	memcpy(pk->hdr, buf, pk->len);
-}
-
-static void
-tls_exdata_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
-    void *argp)
-{
-	(void)parent;
-	(void)ad;
-	(void)idx;
-	(void)argl;
-	(void)argp;
-	OPENSSL_free(ptr);
-}
-
 SSL_CTX *
 tls_client_ctx_new(bool verify, const char *ca_file, char *err, size_t errlen)
 {
@@ -209,12 +324,7 @@ tls_client_ctx_new(bool verify, const char *ca_file, char *err, size_t errlen)
 		snprintf(err, errlen, "SSL_CTX_new failed");
 		return NULL;
 	}
-	if (tls_peek_idx < 0)
-		tls_peek_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL,
-		    tls_exdata_free);
-	if (tls_resume_idx < 0)
-		tls_resume_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL,
-		    tls_exdata_free);
+	tls_indexes_init();
 	/* A new context may trust other CAs: no session of the old one
 	 * may skip its verification. */
 	tls_resume_flush();
@@ -247,15 +357,12 @@ tls_client_ssl_new(SSL_CTX *ctx, const char *name, bool verify,
     const char *resume_key)
 {
 	SSL *ssl = SSL_new(ctx);
-	struct tls_peek *pk;
 	struct tls_resume *r;
 	char *key;
 
 	if (ssl == NULL)
 		return NULL;
-	pk = OPENSSL_zalloc(sizeof(*pk));
-	if (pk == NULL || SSL_set_ex_data(ssl, tls_peek_idx, pk) != 1) {
-		OPENSSL_free(pk);
+	if (!tls_peek_attach(ssl)) {
 		SSL_free(ssl);
 		return NULL;
 	}
@@ -297,7 +404,13 @@ tls_release_buffers(SSL *ssl)
 SSL *
 tls_server_ssl_new(SSL_CTX *ctx)
 {
-	return SSL_new(ctx);
+	SSL *ssl = SSL_new(ctx);
+
+	if (ssl != NULL && !tls_peek_attach(ssl)) {
+		SSL_free(ssl);
+		return NULL;
+	}
+	return ssl;
 }
 
 bool
@@ -310,18 +423,10 @@ static bool
 tls_peek_plaintext(SSL *ssl, char *buf, size_t buflen)
 {
 	struct tls_peek *pk;
-	size_t i;
 
 	if (tls_peek_idx < 0 || (pk = SSL_get_ex_data(ssl, tls_peek_idx)) == NULL ||
-	    pk->len == 0)
+	    !tls_is_text(pk->hdr, pk->len))
 		return false;
-	/* A TLS record starts with a content type of 20..24; IMAP text
-	 * starts with '*' or a printable tag. */
-	if (pk->hdr[0] >= 20 && pk->hdr[0] <= 24)
-		return false;
-	for (i = 0; i < pk->len; i++)
-		if (pk->hdr[i] < 0x20 || pk->hdr[i] > 0x7e)
-			return false;
 	if (pk->len >= 5 && memcmp(pk->hdr, "* BYE", 5) == 0)
 		snprintf(buf, buflen, "server answered in plaintext \"* BYE\" "
 		    "instead of a TLS handshake (Exchange: no certificate bound "
@@ -355,6 +460,245 @@ tls_failure_reason(SSL *ssl, unsigned long ossl_err, char *buf, size_t buflen)
 	snprintf(buf, buflen, "TLS handshake failed: %s", e);
 	ERR_clear_error();
 	return buf;
+}
+
+enum stats_tls_failure
+tls_failure_class(unsigned long ossl_err, const unsigned char *first,
+    size_t len)
+{
+	if (tls_is_text(first, len))
+		return STATS_TLS_FAIL_PLAINTEXT;
+	if (ERR_GET_LIB(ossl_err) != ERR_LIB_SSL)
+		return STATS_TLS_FAIL_OTHER;
+	switch (ERR_GET_REASON(ossl_err)) {
+	case SSL_R_UNSUPPORTED_PROTOCOL:
+	case SSL_R_UNKNOWN_PROTOCOL:
+	case SSL_R_VERSION_TOO_LOW:
+	case SSL_R_VERSION_TOO_HIGH:
+	case SSL_R_WRONG_SSL_VERSION:
+	case SSL_R_INAPPROPRIATE_FALLBACK:
+	case SSL_R_TLSV1_ALERT_PROTOCOL_VERSION:
+	case SSL_R_TLSV1_ALERT_INAPPROPRIATE_FALLBACK:
+		return STATS_TLS_FAIL_PROTOCOL_VERSION;
+	case SSL_R_NO_SHARED_CIPHER:
+	case SSL_R_NO_SHARED_GROUPS:
+	case SSL_R_NO_SUITABLE_KEY_SHARE:
+	case SSL_R_NO_SHARED_SIGNATURE_ALGORITHMS:
+	case SSL_R_NO_SUITABLE_SIGNATURE_ALGORITHM:
+	case SSL_R_TLSV1_ALERT_INSUFFICIENT_SECURITY:
+		return STATS_TLS_FAIL_NO_SHARED_CIPHER;
+	/* The listener asks for no client certificate: these are the
+	 * client's alerts about ours (unknown CA, expired, wrong...). */
+	case SSL_R_SSLV3_ALERT_BAD_CERTIFICATE:
+	case SSL_R_SSLV3_ALERT_UNSUPPORTED_CERTIFICATE:
+	case SSL_R_SSLV3_ALERT_CERTIFICATE_REVOKED:
+	case SSL_R_SSLV3_ALERT_CERTIFICATE_EXPIRED:
+	case SSL_R_SSLV3_ALERT_CERTIFICATE_UNKNOWN:
+	case SSL_R_TLSV1_ALERT_UNKNOWN_CA:
+	case SSL_R_TLSV1_BAD_CERTIFICATE_STATUS_RESPONSE:
+	case SSL_R_TLSV1_BAD_CERTIFICATE_HASH_VALUE:
+	case SSL_R_TLSV1_CERTIFICATE_UNOBTAINABLE:
+	case SSL_R_TLSV13_ALERT_CERTIFICATE_REQUIRED:
+	case SSL_R_CERTIFICATE_VERIFY_FAILED:
+	case SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE:
+		return STATS_TLS_FAIL_CERTIFICATE;
+	case SSL_R_HTTP_REQUEST:
+	case SSL_R_HTTPS_PROXY_REQUEST:
+		return STATS_TLS_FAIL_PLAINTEXT;
+	default:
+		return STATS_TLS_FAIL_OTHER;
+	}
+}
+
+/* OpenSSL's name of a protocol version ("TLSv1.2"). */
+static const char *
+tls_version_name(int v, char *buf, size_t buflen)
+{
+	switch (v) {
+	case 0:
+		return "unknown";
+	case SSL3_VERSION:
+		return "SSLv3";
+	case TLS1_VERSION:
+		return "TLSv1";
+	case TLS1_1_VERSION:
+		return "TLSv1.1";
+	case TLS1_2_VERSION:
+		return "TLSv1.2";
+	case TLS1_3_VERSION:
+		return "TLSv1.3";
+	default:
+		snprintf(buf, buflen, "0x%04x", (unsigned)v);
+		return buf;
+	}
+}
+
+enum stats_tls_failure
+tls_client_failure(SSL *ssl, unsigned long ossl_err, char *detail,
+    size_t detaillen, char *offered, size_t offeredlen)
+{
+	const struct tls_peek *pk = ssl == NULL || tls_peek_idx < 0 ? NULL :
+	    SSL_get_ex_data(ssl, tls_peek_idx);
+	enum stats_tls_failure r;
+	char num[16];
+
+	if (ossl_err == 0)
+		ossl_err = ERR_peek_last_error();
+	r = tls_failure_class(ossl_err, pk != NULL ? pk->hdr : NULL,
+	    pk != NULL ? pk->len : 0);
+	tls_err_string(detail, detaillen, ossl_err);
+	snprintf(offered, offeredlen, "%s", tls_version_name(
+	    pk != NULL ? pk->offered : 0, num, sizeof(num)));
+	ERR_clear_error();
+	return r;
+}
+
+/* ------------------------------------------------------ certificate expiry */
+
+const char *const tls_side_names[TLS_SIDE_COUNT] = { "client", "upstream" };
+
+/*
+ * The certificates in use: the client-facing one and, per server, the one
+ * its last handshake showed.  A handful: a small table searched linearly
+ * (like the resumption table; servers past TLS_CERT_MAX have no expiry
+ * metric).  An entry outlives a server removed by a reload: /metrics shows
+ * only the configured ones.
+ */
+#define TLS_CERT_MAX (TLS_RESUME_MAX + 1)
+
+struct tls_cert {
+	enum tls_side side;
+	char server[300];	/* "host:port"; "" for the client side */
+	int64_t not_after;
+	unsigned warned;	/* the last stage warned (tls_expiry_stage) */
+};
+
+static struct tls_cert tls_certs[TLS_CERT_MAX];
+static size_t tls_ncerts;
+
+unsigned
+tls_expiry_stage(int64_t not_after, int64_t now)
+{
+	int64_t left = not_after - now;
+
+	if (left <= (int64_t)TLS_EXPIRY_URGENT_DAYS * 86400)
+		return TLS_EXPIRY_URGENT_DAYS;
+	if (left <= (int64_t)TLS_EXPIRY_WARN_DAYS * 86400)
+		return TLS_EXPIRY_WARN_DAYS;
+	return 0;
+}
+
+/* Log the warning due for c at now, once per stage. */
+static void
+tls_cert_warn(struct tls_cert *c, int64_t now)
+{
+	unsigned stage = tls_expiry_stage(c->not_after, now);
+	int64_t left = c->not_after - now;
+	char when[32];
+
+	/* Stages only shrink (30, then 7) while the certificate stays. */
+	if (stage == 0 || (c->warned != 0 && stage >= c->warned))
+		return;
+	c->warned = stage;
+	/* Whole days left, rounded down (negative once expired). */
+	log_warn("tls_certificate_expiring", "side=%s server=%s days_left=%lld "
+	    "not_after=%s", tls_side_names[c->side], log_v(c->server),
+	    (long long)(left >= 0 ? left / 86400 : -((-left + 86399) / 86400)),
+	    tls_time_str(c->not_after, when, sizeof(when)));
+}
+
+static struct tls_cert *
+tls_cert_slot(enum tls_side side, const char *server)
+{
+	size_t i;
+
+	for (i = 0; i < tls_ncerts; i++)
+		if (tls_certs[i].side == side &&
+		    strcmp(tls_certs[i].server, server) == 0)
+			return &tls_certs[i];
+	return NULL;
+}
+
+static void
+tls_cert_note(enum tls_side side, const char *server, const X509 *x,
+    int64_t now)
+{
+	struct tls_cert *c = tls_cert_slot(side, server);
+	int64_t na = tls_not_after(x);
+
+	if (na == 0)
+		return;
+	if (c == NULL) {
+		if (tls_ncerts == TLS_CERT_MAX ||
+		    strlen(server) >= sizeof(c->server))
+			return;
+		c = &tls_certs[tls_ncerts++];
+		c->side = side;
+		snprintf(c->server, sizeof(c->server), "%s", server);
+	}
+	if (c->not_after != na) {
+		/* Another certificate (renewed): its own warnings. */
+		c->not_after = na;
+		c->warned = 0;
+	}
+	tls_cert_warn(c, now);
+}
+
+void
+tls_cert_in_use(SSL_CTX *ctx, int64_t now)
+{
+	if (ctx != NULL)
+		tls_cert_note(TLS_SIDE_CLIENT, "", SSL_CTX_get0_certificate(ctx),
+		    now);
+}
+
+void
+tls_cert_seen(SSL *ssl, const char *server, int64_t now)
+{
+	if (ssl != NULL)
+		tls_cert_note(TLS_SIDE_UPSTREAM, server,
+		    SSL_get0_peer_certificate(ssl), now);
+}
+
+void
+tls_cert_recheck(int64_t now)
+{
+	size_t i;
+
+	for (i = 0; i < tls_ncerts; i++)
+		tls_cert_warn(&tls_certs[i], now);
+}
+
+bool
+tls_cert_expiry(enum tls_side side, const char *server, int64_t *not_after)
+{
+	const struct tls_cert *c = tls_cert_slot(side, server);
+
+	if (c == NULL)
+		return false;
+	*not_after = c->not_after;
+	return true;
+}
+
+int
+tls_check_server_files(const char *cert_file, const char *key_file,
+    int min_version, int64_t now, char *msg, size_t msglen)
+{
+	SSL_CTX *ctx = tls_server_ctx_new(cert_file, key_file, min_version, msg,
+	    msglen);
+	int64_t na;
+	char when[32];
+
+	if (ctx == NULL)
+		return -1;
+	na = tls_not_after(SSL_CTX_get0_certificate(ctx));
+	SSL_CTX_free(ctx);
+	if (tls_expiry_stage(na, now) == 0)
+		return 0;
+	snprintf(msg, msglen, "certificate %s expires in %lld days (%s)",
+	    cert_file, (long long)((na - now) / 86400),
+	    tls_time_str(na, when, sizeof(when)));
+	return 1;
 }
 
 void

@@ -6,17 +6,26 @@
  * client of Exchange) verifies the CAS certificate, sends SNI, checks the
  * host name, offers TLS 1.2+ with ECDHE key exchange only (no finite-field
  * DHE: Schannel's leading-zero bug, KB4557473) and caches sessions for
- * resumption.  Turns a failed handshake into one plain-language reason.
+ * resumption.  Turns a failed handshake into one plain-language reason
+ * (and a client's into a counted class).  Keeps the expiry of the
+ * certificates in use: the client-facing one (side "client") and each
+ * upstream server's as last seen in a handshake (side "upstream"), with a
+ * warning 30 and again 7 days before each expires.
  */
 #ifndef TLS_H
 #define TLS_H
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include <openssl/ssl.h>
 
-/* Server context for client connections.  NULL with a reason in err. */
+#include "stats.h"
+
+/* Server context for client connections.  NULL with a reason in err, also
+ * when the key does not match the certificate or the certificate has
+ * expired. */
 SSL_CTX *tls_server_ctx_new(const char *cert_file, const char *key_file,
     int min_version, char *err, size_t errlen);
 
@@ -57,6 +66,59 @@ SSL *tls_server_ssl_new(SSL_CTX *ctx);
  */
 const char *tls_failure_reason(SSL *ssl, unsigned long ossl_err, char *buf,
     size_t buflen);
+
+/*
+ * A client's TLS handshake on ssl failed with ossl_err (0: the thread's
+ * queue): its class for imapshim_client_tls_failures_total, OpenSSL's text
+ * in detail, and in offered the highest version the ClientHello offered
+ * ("TLSv1", "TLSv1.2"...; "unknown" when none was read).  Clears the
+ * error queue.
+ */
+enum stats_tls_failure tls_client_failure(SSL *ssl, unsigned long ossl_err,
+    char *detail, size_t detaillen, char *offered, size_t offeredlen);
+
+/* The class of a client handshake failure: plaintext when the first bytes
+ * the client sent (first[0..len), len 0: none read) are ASCII text rather
+ * than a TLS record, else by OpenSSL's reason in ossl_err.  Pure. */
+enum stats_tls_failure tls_failure_class(unsigned long ossl_err,
+    const unsigned char *first, size_t len);
+
+/* ---- certificate expiry */
+
+/* Days before notAfter of the first and the second warning. */
+#define TLS_EXPIRY_WARN_DAYS 30
+#define TLS_EXPIRY_URGENT_DAYS 7
+
+/* The label side="client" (the certificate clients see, tls_cert_file,
+ * with server="") or side="upstream" (a server's, server="host:port"). */
+enum tls_side { TLS_SIDE_CLIENT, TLS_SIDE_UPSTREAM, TLS_SIDE_COUNT };
+extern const char *const tls_side_names[TLS_SIDE_COUNT];
+
+/* Which warning is due at now (Unix seconds) for a certificate valid until
+ * not_after: 0 while more than TLS_EXPIRY_WARN_DAYS days are left, else
+ * TLS_EXPIRY_WARN_DAYS or, from TLS_EXPIRY_URGENT_DAYS days on (expired
+ * included), TLS_EXPIRY_URGENT_DAYS.  Pure. */
+unsigned tls_expiry_stage(int64_t not_after, int64_t now);
+
+/* ctx (from tls_server_ctx_new) now serves the clients: record its
+ * certificate's expiry and warn when a warning is due (start, reload). */
+void tls_cert_in_use(SSL_CTX *ctx, int64_t now);
+/* A handshake with server ("host:port") completed on ssl: record the
+ * expiry of the certificate it showed and warn when a warning is due. */
+void tls_cert_seen(SSL *ssl, const char *server, int64_t now);
+/* Warn for every recorded certificate whose next warning has come (a daily
+ * timer; each warning is logged once per certificate and threshold). */
+void tls_cert_recheck(int64_t now);
+/* notAfter (Unix seconds) of the certificate recorded for side and server
+ * ("" for the client side); false when none was. */
+bool tls_cert_expiry(enum tls_side side, const char *server,
+    int64_t *not_after);
+
+/* imapshim -t: load cert_file and key_file as tls_server_ctx_new does.
+ * Returns -1 with the error in msg, 1 with a warning in msg (expires
+ * within TLS_EXPIRY_WARN_DAYS days), or 0. */
+int tls_check_server_files(const char *cert_file, const char *key_file,
+    int min_version, int64_t now, char *msg, size_t msglen);
 
 /* True when the failure on ssl was a certificate verification failure. */
 bool tls_failed_verification(SSL *ssl);

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "auth.h"
 #include "imapshim.h"
@@ -274,8 +275,8 @@ upstream_command_lines(struct upstream *u, const char *cmd,
 	u->up_cmd_arg = arg;
 	up_arm_timer(u, u->up_login_timeout_ms);
 	up_send(u, cmd);
-	log_debug("upstream_send", "up=%llu tag=%s command=\"%s\"",
-	    (unsigned long long)u->up_id, u->up_tag, cmd);
+	log_debug("upstream_send", "up=%llu tag=%s command=%s",
+	    (unsigned long long)u->up_id, u->up_tag, log_v(cmd));
 	return 0;
 }
 
@@ -354,15 +355,13 @@ up_fail(struct upstream *u, enum up_fail why, const char *fmt, ...)
 static void
 up_report_failure(struct upstream *u)
 {
-	char rv[600];
 	const struct upstream_cbs *cbs = u->up_cbs;
 	void *arg = u->up_arg;
 
 	log_warn("upstream_fail", "up=%llu server=%s stage=%s class=%s reason=%s",
 	    (unsigned long long)u->up_id, u->up_server,
 	    up_state_names[u->up_state], up_fail_names[u->up_fail_why],
-	    log_value(rv, sizeof(rv), u->up_fail_reason,
-	    strlen(u->up_fail_reason)));
+	    log_v(u->up_fail_reason));
 	u->up_cbs = NULL;
 	if (cbs != NULL && cbs->failed != NULL)
 		cbs->failed(arg, u->up_fail_why, u->up_fail_reason);
@@ -410,7 +409,7 @@ up_ready(struct upstream *u)
 	evtimer_del(u->up_timer);
 	up_set_state(u, UP_S_READY);
 	log_info("upstream_login", "up=%llu server=%s user=%s ms=%llu",
-	    (unsigned long long)u->up_id, u->up_server, u->up_user,
+	    (unsigned long long)u->up_id, u->up_server, log_v(u->up_user),
 	    (unsigned long long)(util_now_ms() - u->up_started_ms));
 	if (u->up_cbs != NULL && u->up_cbs->ready != NULL)
 		u->up_cbs->ready(u->up_arg);
@@ -735,6 +734,7 @@ up_event_cb(struct bufferevent *bev, short what, void *arg)
 			}
 		} else if (u->up_state == UP_S_HANDSHAKE) {
 			stats_upstream_tls(tls_handshake_done(u->up_ssl));
+			tls_cert_seen(u->up_ssl, u->up_server, (int64_t)time(NULL));
 			if (!u->up_starttls_done)
 				up_arm_timer(u, u->up_login_timeout_ms);
 			if (u->up_starttls_done) {
@@ -827,7 +827,7 @@ upstream_new(struct event_base *base, struct evdns_base *dns,
 	/* connect_timeout covers TCP and TLS; login_timeout the rest. */
 	up_arm_timer(u, p->connect_timeout_ms);
 	log_debug("upstream_connect", "up=%llu server=%s user=%s",
-	    (unsigned long long)u->up_id, u->up_server, u->up_user);
+	    (unsigned long long)u->up_id, u->up_server, log_v(u->up_user));
 	if (bufferevent_socket_connect_hostname(u->up_bev, dns, AF_UNSPEC,
 	    p->host, atoi(p->port)) != 0)
 		up_fail(u, UP_FAIL_CONNECT, "cannot connect to %s", u->up_server);
@@ -846,8 +846,8 @@ up_close(struct upstream *u, const char *reason, bool logout)
 	evtimer_del(u->up_timer);
 	log_info("upstream_close", "up=%llu server=%s user=%s state=%s "
 	    "reason=%s no=%u bad=%u duration_ms=%llu",
-	    (unsigned long long)u->up_id, u->up_server, u->up_user,
-	    up_state_names[u->up_state], reason, u->up_no, u->up_bad,
+	    (unsigned long long)u->up_id, u->up_server, log_v(u->up_user),
+	    up_state_names[u->up_state], log_v(reason), u->up_no, u->up_bad,
 	    (unsigned long long)(util_now_ms() - u->up_started_ms));
 	if (logout && u->up_state == UP_S_READY && !u->up_fail_pending &&
 	    imap_framer_at_boundary(&u->up_framer)) {

@@ -212,8 +212,8 @@ util_ieqn(const char *a, size_t alen, const char *b)
 void
 util_assert_fail(const char *expr, const char *file, int line, const char *func)
 {
-	log_error("assertion_failed", "expr=\"%s\" file=%s line=%d func=%s",
-	    expr, file, line, func);
+	log_error("assertion_failed", "expr=%s file=%s line=%d func=%s",
+	    log_v(expr), file, line, func);
 #ifdef IMAPSHIM_DEBUG
 	abort();
 #endif

@@ -72,8 +72,9 @@ def _time_limit(request):
 
 def check_stopped(shim):
     """After stop(): SIGTERM must end imapshim with status 0 (DESIGN 3.6),
-    it must have logged no broken invariant (IMAPSHIM_ASSERT), and a
-    sanitizer build must have reported nothing."""
+    it must have logged no broken invariant (IMAPSHIM_ASSERT), a
+    sanitizer build must have reported nothing, and every line of its log
+    must be logfmt (DESIGN 3.6: one key=value line per event)."""
     problems = []
     rc = getattr(shim, "returncode", None)
     if rc is not None and rc != 0:
@@ -86,6 +87,10 @@ def check_stopped(shim):
     if m:
         i = log.find(m.group(0))
         problems.append("sanitizer report:\n" + log[max(0, i - 1500):i + 4000])
+    # Every line of every run is logfmt (harness.parse_log_line).
+    bad = [ln for ln in shim.log_text().splitlines() if not harness.parse_log_line(ln)[1]]
+    if bad:
+        problems.append("%d log line(s) not logfmt, e.g.:\n%s" % (len(bad), "\n".join(bad[:5])))
     if problems:
         pytest.fail("%s (%s): %s" % (shim.name, shim.log_path, "\n".join(problems)),
                     pytrace=False)

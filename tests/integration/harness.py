@@ -199,6 +199,8 @@ class Pki:
       wrong_name   CN=wrong.example, SAN DNS:wrong.example, by ca
       expired      localhost SANs, by ca, valid 2020-01-01 .. 2020-01-02
       self_signed  localhost SANs, self-signed
+    leaf(name, days) makes another localhost certificate by ca, valid `days`
+    days from now (certificate expiry tests).
     """
 
     def __init__(self, directory):
@@ -209,7 +211,7 @@ class Pki:
             raise HarnessError("openssl not found")
         self.ca = self._make_ca("ca", "imapshim test CA")
         self.unknown_ca = self._make_ca("unknown-ca", "imapshim unknown CA")
-        san_local = "DNS:localhost,IP:127.0.0.1,IP:::1"
+        self.san_local = san_local = "DNS:localhost,IP:127.0.0.1,IP:::1"
         self.server = self._make_leaf("server", "localhost", san_local, self.ca)
         self.unknown = self._make_leaf("unknown", "localhost", san_local, self.unknown_ca)
         self.wrong_name = self._make_leaf("wrong-name", "wrong.example",
@@ -252,11 +254,14 @@ class Pki:
         run([self.openssl, "req", "-new", "-key", key, "-out", csr, "-subj", "/CN=" + cn])
         return key, csr
 
-    def _make_leaf(self, name, cn, san, ca):
+    def leaf(self, name, days):
+        return self._make_leaf(name, "localhost", self.san_local, self.ca, days)
+
+    def _make_leaf(self, name, cn, san, ca, days=365):
         key, csr = self._csr(name, cn)
         cert = self._p(name + ".pem")
         run([self.openssl, "x509", "-req", "-in", csr, "-CA", ca.cert, "-CAkey", ca.key,
-             "-set_serial", str(secrets.randbits(62)), "-days", "365", "-sha256",
+             "-set_serial", str(secrets.randbits(62)), "-days", str(days), "-sha256",
              "-extfile", self._ext(name, san), "-extensions", "v3", "-out", cert])
         return Cert(cert, key)
 
@@ -858,9 +863,14 @@ class Dovecot:
 
 # ---------------------------------------------------------------- imapshim
 
-# One key=value of an imapshim log line; a value is bare or "quoted" with
-# \" \\ \xNN escapes (log.c's log_value).
-_LOG_KV_RE = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+# An imapshim log line (log.c) is logfmt: a head -- the timestamp and a
+# space, or "<N>" (the syslog priority) when stderr is the journal -- then
+# key=value pairs split by one space.  A value is bare (printable ASCII
+# without space, quote or '=') or "quoted" with only \" \\ \xNN escapes
+# (log.c's log_value).
+_LOG_HEAD_RE = re.compile(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z |<[0-7]>')
+_LOG_KV_RE = re.compile(r'([A-Za-z_]\w*)=("(?:[ !#-\[\]-~]|\\["\\]|\\x[0-9a-fA-F]{2})*"'
+                        r'|[!#-<>-~]+)(?: |$)')
 
 
 def _log_unquote(v):
@@ -869,6 +879,27 @@ def _log_unquote(v):
     return re.sub(r'\\(x[0-9a-fA-F]{2}|.)',
                   lambda m: chr(int(m.group(1)[1:], 16)) if len(m.group(1)) == 3
                   else m.group(1), v[1:-1])
+
+
+def parse_log_line(line):
+    """(fields, valid) of one imapshim log line: its key=value pairs as a
+    dict (quoted values unescaped) and whether the whole line is logfmt,
+    level= and event= first.  A part that is not a pair is skipped up to
+    the next space, so the pairs around it are still found."""
+    m = _LOG_HEAD_RE.match(line)
+    pos, valid, keys, kv = (m.end() if m else 0), m is not None, [], {}
+    while pos < len(line):
+        m = _LOG_KV_RE.match(line, pos)
+        if m is None:
+            valid = False
+            nxt = line.find(" ", pos)
+            pos = len(line) if nxt == -1 else nxt + 1
+            continue
+        keys.append(m.group(1))
+        kv[m.group(1)] = _log_unquote(m.group(2))
+        pos = m.end()
+    valid = valid and keys[:2] == ["level", "event"] and not line.endswith(" ")
+    return kv, valid
 
 
 class ImapShim:
@@ -890,8 +921,14 @@ class ImapShim:
         self.port_starttls = free_port() if starttls else None
         self.ini_path = os.path.join(directory, name + ".ini")
         self.log_path = os.path.join(directory, name + ".log")
+        # Its own console socket: the default /run/imapshim/control is
+        # neither writable nor private to one test.
+        self.control_path = os.path.join(directory, name + ".control")
         self.proc = None
         self.stopped = False
+        # Set before start(): variables added to the process environment
+        # (None removes one), e.g. NOTIFY_SOCKET as systemd sets it.
+        self.env = {}
         cfg = {
             "shim": {
                 "listen": "%s:%d" % (HOST, self.port),
@@ -900,6 +937,7 @@ class ImapShim:
                 "tls_key_file": pki.server.key,
                 "allow_from": "127.0.0.0/8, ::1",
                 "status_listen": "",
+                "control_socket": self.control_path,
                 "log_level": "debug",
             },
             "upstream": {
@@ -949,14 +987,26 @@ class ImapShim:
         except OSError:
             self.log_offset = 0
         self.logf = open(self.log_path, "ab")
+        env = dict(os.environ)
+        for k, v in self.env.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
         self.proc = subprocess.Popen([self.binary, "-c", self.ini_path],
                                      stdin=subprocess.DEVNULL, stdout=self.logf,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=env)
         try:
             if self.port:
                 wait_port(self.port, proc=self.proc, what="imapshim", timeout=timeout)
             if self.port_starttls:
                 wait_port(self.port_starttls, proc=self.proc, what="imapshim", timeout=timeout)
+            # The console comes up after the listeners.
+            ctl_path = self.config["shim"].get("control_socket")
+            if ctl_path:
+                wait_until(lambda: os.path.exists(ctl_path) or self.proc.poll() is not None,
+                           timeout=timeout, what="imapshim's control_socket")
         except HarnessError as e:
             self.stop()
             raise HarnessError("%s\n--- %s ---\n%s\n--- log ---\n%s"
@@ -999,7 +1049,7 @@ class ImapShim:
         for line in self.log_text(this_run).splitlines():
             if " event=%s " % event not in line + " ":
                 continue
-            kv = {k: _log_unquote(v) for k, v in _LOG_KV_RE.findall(line)}
+            kv = parse_log_line(line)[0]
             if all(kv.get(k) == str(v) for k, v in fields.items()):
                 out.append(kv)
         return out
@@ -1043,6 +1093,23 @@ def make_tempdir(prefix="imapshim-it-"):
     d = tempfile.mkdtemp(prefix=prefix)
     os.chmod(d, 0o755)
     return d
+
+
+def find_ctl(imapshim=None):
+    """imapshim-ctl, built beside the imapshim binary ($IMAPSHIM)."""
+    b = imapshim or find_imapshim()
+    return os.path.join(os.path.dirname(b), "imapshim-ctl") if b else None
+
+
+def ctl(shim, *args, socket=None, timeout=DEFAULT_TIMEOUT, preexec_fn=None):
+    """Run imapshim-ctl against shim's console: ctl(shim, "show", "clients")
+    or ctl(shim, "show clients").  Returns (exit status, stdout, stderr)."""
+    argv = [find_ctl(shim.binary), "-s", socket or shim.control_path]
+    for a in args:
+        argv.extend(a.split())
+    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                       timeout=timeout, preexec_fn=preexec_fn)
+    return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
 
 
 def find_imapshim():

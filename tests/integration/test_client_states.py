@@ -458,17 +458,18 @@ def test_client_tls_fail_logs_readable_reason(make_shim, make_fake, hello):
     """Defect 9: client_tls_fail escaped its reason into the very buffer it
     read it from, so the log showed quote-and-backslash garbage.  A client
     speaks plaintext, or offers only TLS 1.0, to the implicit-TLS port: the
-    client_tls_fail line must carry a readable reason (bare, or quoted with
-    valid escapes, quoted if it holds spaces; printable; words, not just
-    quotes and backslashes)."""
+    client_tls_failed line must carry a readable detail (OpenSSL's text:
+    bare, or quoted with valid escapes, quoted if it holds spaces; printable;
+    words, not just quotes and backslashes).  Its reason class is
+    test_diagnostics.py's."""
     fe = make_fake()
     shim = make_shim(fe.port, config=mx_config())
     hello(shim.port)
-    ev = shim.wait_log_event("client_tls_fail", timeout=5)[-1]
-    line = [x for x in shim.log_text(True).splitlines() if "event=client_tls_fail" in x][-1]
-    raw = re.search(r'\breason=("(?:[^"\\]|\\.)*"|[^\s"]+)(?: |$)', line)
-    assert raw, "reason is neither a bare nor a properly quoted value: %r" % line
-    reason = ev["reason"]
+    ev = shim.wait_log_event("client_tls_failed", timeout=5)[-1]
+    line = [x for x in shim.log_text(True).splitlines() if "event=client_tls_failed" in x][-1]
+    raw = re.search(r'\bdetail=("(?:[^"\\]|\\.)*"|[^\s"]+)(?: |$)', line)
+    assert raw, "detail is neither a bare nor a properly quoted value: %r" % line
+    reason = ev["detail"]
     assert reason.isprintable() and not reason.startswith(('"', "\\")), (
         "unreadable reason %r in %r" % (reason, line))
     assert re.search(r"[A-Za-z]{3,}", reason), "reason without words: %r" % line

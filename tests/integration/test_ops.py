@@ -576,10 +576,14 @@ def test_systemd_unit(imapshim_bin, tmp_path):
         m = re.match(r"^([A-Za-z]+)=(.*)$", line)
         if m:
             kv.setdefault(m.group(1), m.group(2))
-    assert kv["Type"] == "simple"
+    # notify: READY, RELOADING, STOPPING, STATUS, WATCHDOG (test_notify.py)
+    assert kv["Type"] == "notify" and kv["NotifyAccess"] == "main"
+    assert kv["WatchdogSec"] == "30s"
     assert kv["ExecStart"] == "/usr/sbin/imapshim -c /etc/imapshim/imapshim.ini"
     assert kv["ExecStartPre"] == "/usr/sbin/imapshim -t -c /etc/imapshim/imapshim.ini"
-    assert kv["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # a rejected reload must fail "systemctl reload": not kill -HUP
+    assert kv["ExecReload"] == "/usr/sbin/imapshim-ctl reload"
+    assert kv["RuntimeDirectory"] == "imapshim"
     assert kv["KillSignal"] == "SIGTERM"
     assert int(kv["TimeoutStopSec"]) > 30, "TimeoutStopSec must exceed drain_timeout (30s)"
     assert kv["Restart"] == "on-failure"

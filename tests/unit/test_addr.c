@@ -282,6 +282,27 @@ test_ip_literal(void **state)
 	assert_false(addr_is_ip_literal(NULL));
 }
 
+/* Loopback listeners are the ones a cleartext LOGIN may stay on. */
+static void
+test_host_loopback(void **state)
+{
+	(void)state;
+	assert_true(addr_host_is_loopback("127.0.0.1"));
+	assert_true(addr_host_is_loopback("127.255.0.9"));
+	assert_true(addr_host_is_loopback("::1"));
+	assert_true(addr_host_is_loopback("::ffff:127.0.0.1"));
+	assert_true(addr_host_is_loopback("localhost"));
+	assert_true(addr_host_is_loopback("LOCALHOST"));
+	assert_false(addr_host_is_loopback(""));	/* any address */
+	assert_false(addr_host_is_loopback("0.0.0.0"));
+	assert_false(addr_host_is_loopback("::"));
+	assert_false(addr_host_is_loopback("128.0.0.1"));
+	assert_false(addr_host_is_loopback("::ffff:192.0.2.1"));
+	assert_false(addr_host_is_loopback("::2"));
+	assert_false(addr_host_is_loopback("localhost.example.com"));
+	assert_false(addr_host_is_loopback(NULL));
+}
+
 int
 main(void)
 {
@@ -295,6 +316,7 @@ main(void)
 		cmocka_unit_test(test_cidr_match),
 		cmocka_unit_test(test_sockaddr_str),
 		cmocka_unit_test(test_ip_literal),
+		cmocka_unit_test(test_host_loopback),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <cmocka.h>
 #include <openssl/evp.h>
@@ -18,6 +19,47 @@ static int
 parse(const char *fmt, const char *name, struct auth_name *out)
 {
 	return auth_parse_login(fmt, name, strlen(name), out);
+}
+
+/* The one admin account of the login tests: "NPUMAdmin" (any case). */
+static const char *
+one_admin(const void *arg, const char *name, size_t len)
+{
+	(void)arg;
+	return len == 9 && strncasecmp(name, "NPUMAdmin", 9) == 0 ?
+	    "s3cret" : NULL;
+}
+
+static int
+check(const char *name, const char *pass, struct auth_name *out,
+    enum stats_auth_failure *why)
+{
+	return auth_check_login(DEFAULT_FMT, name, strlen(name), pass,
+	    strlen(pass), one_admin, NULL, out, why);
+}
+
+/* Each refusal says why: the name's form, the account, the password. */
+static void
+test_check_login_reasons(void **state)
+{
+	struct auth_name n;
+	enum stats_auth_failure why = STATS_AUTH_FAIL_COUNT;
+
+	(void)state;
+	assert_int_equal(check("example.com/npumadmin/vm1", "s3cret", &n, &why), 0);
+	assert_string_equal(n.admin, "npumadmin");
+	assert_string_equal(n.mailbox, "vm1");
+	assert_int_equal(why, STATS_AUTH_FAIL_COUNT);
+	assert_int_equal(check("vm1@example.com", "s3cret", &n, &why), -1);
+	assert_int_equal(why, STATS_AUTH_FAIL_MALFORMED_NAME);
+	assert_int_equal(check("example.com/Nobody/vm1", "s3cret", &n, &why), -1);
+	assert_int_equal(why, STATS_AUTH_FAIL_UNKNOWN_ADMIN);
+	assert_string_equal(n.mailbox, "");
+	assert_int_equal(check("example.com/NPUMAdmin/vm1", "s3cre", &n, &why), -1);
+	assert_int_equal(why, STATS_AUTH_FAIL_WRONG_PASSWORD);
+	assert_string_equal(n.admin, "");
+	assert_int_equal(check("example.com/NPUMAdmin/vm1", "", &n, &why), -1);
+	assert_int_equal(why, STATS_AUTH_FAIL_WRONG_PASSWORD);
 }
 
 static void
@@ -558,6 +600,7 @@ main(void)
 		cmocka_unit_test(test_build_login_quoted),
 		cmocka_unit_test(test_build_login_literal),
 		cmocka_unit_test(test_build_login_refused),
+		cmocka_unit_test(test_check_login_reasons),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -247,6 +247,7 @@ test_defaults(void **state)
 	    sizeof(buf)), "127.0.0.1:9143");
 	assert_int_equal(c->drain_timeout_ms, 30000);
 	assert_null(c->protocol_log);
+	assert_string_equal(c->control_socket, "/run/imapshim/control");
 	assert_null(c->user);
 	assert_int_equal(c->log_level, LOG_LVL_INFO);
 	assert_string_equal(c->log_target, "stderr");
@@ -315,7 +316,12 @@ test_example_file(void **state)
 	c = config_load(path, false, &diag);
 	if (c == NULL)
 		fail_msg("%s", diag.errors);
-	assert_int_equal(diag.n_warnings, 0);
+	/* Only the budget one admin account cannot use: a site adds accounts
+	 * or lowers session_budget (contrib/test-package.sh expects it). */
+	assert_int_equal(diag.n_warnings, 1);
+	assert_non_null(strstr(diag.warnings, "[pool] session_budget: "
+	    "session_budget 2048 is more than the admin accounts allow "
+	    "together (16); imapshim will use at most 16\n"));
 	assert_int_equal(c->n_servers, 2);
 	assert_string_equal(c->servers[1].host, "cas2.example.com");
 	assert_string_equal(c->domain, "example.com");
@@ -425,6 +431,7 @@ test_good_values(void **state)
 	    "log_level = debug\n"
 	    "log_target = /var/log/imapshim.log\n"
 	    "protocol_log = /var/log/imapshim-proto.csv\n"
+	    "control_socket =\n"
 	    "client_login_format = {admin}\\{mailbox}\n"
 	    MIN_UPSTREAM
 	    "tls = starttls\n"
@@ -445,6 +452,7 @@ test_good_values(void **state)
 	assert_int_equal(c->max_command_bytes, 65536);
 	assert_int_equal(c->max_literal_bytes, 4ULL << 30);
 	assert_false(c->has_status_listen);
+	assert_null(c->control_socket);
 	assert_int_equal(c->log_level, LOG_LVL_DEBUG);
 	assert_string_equal(c->log_target, "/var/log/imapshim.log");
 	assert_string_equal(c->client_login_format, "{admin}\\{mailbox}");
@@ -636,6 +644,21 @@ test_listeners(void **state)
 	load(fx, MINIMAL "[shim]\nlog_target = relative.log\n", false);
 	expect_err(fx, 6, "[shim] log_target: 'relative.log': must be stderr, "
 	    "syslog or an absolute file path");
+	load(fx, MINIMAL "[shim]\ncontrol_socket = run/control\n", false);
+	expect_err(fx, 6, "[shim] control_socket: 'run/control': must be an "
+	    "absolute path of at most 107 bytes, or empty");
+	/* sun_path holds 108 bytes with the NUL: 107 is the longest. */
+	load(fx, MINIMAL "[shim]\ncontrol_socket = /"
+	    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+	    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n", false);
+	expect_err(fx, 6, "[shim] control_socket: '/aaaa");
+	load(fx, MINIMAL "[shim]\ncontrol_socket = /"
+	    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+	    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n", false);
+	if (fx->cfg == NULL)
+		fail_msg("a 107-byte control_socket refused: %s",
+		    fx->diag.errors);
+	assert_int_equal(strlen(fx->cfg->control_socket), 107);
 }
 
 static void
@@ -669,6 +692,10 @@ test_admins(void **state)
 	expect_err(fx, 8, "[admin] needs a name");
 	expect_err(fx, 9, "[admin a/b]: bad admin name");
 	expect_err(fx, 11, "[admin C] password: must not be empty");
+	/* '=' would split a log pair or a metric label. */
+	load(fx, MIN_UPSTREAM "[admin a=b]\npassword = x\n", false);
+	expect_err(fx, 3, "[admin a=b]: bad admin name (no spaces, '/', '\\', "
+	    "quotes, '=' or brackets)");
 
 	load(fx, MIN_UPSTREAM "[admin First]\npassword = p1\nmax_sessions = 4\n"
 	    "[admin Second]\npassword = p2\n", false);
@@ -730,6 +757,113 @@ test_tls_verify_warning(void **state)
 	assert_false(fx->cfg->tls_verify);
 	expect_in(fx, fx->diag.warnings, 6, "[upstream] tls_verify: upstream "
 	    "certificates are NOT verified");
+}
+
+/* Settings that work but expose passwords or cannot be used: warnings. */
+static void
+test_setting_warnings(void **state)
+{
+	struct fx *fx = *state;
+	static const char *const loopback[] = {
+		"127.0.0.1:143", "127.1.2.3:143", "[::1]:143",
+		"[::ffff:127.0.0.1]:143", "localhost:143", "LocalHost:143",
+	};
+	static const char *const exposed[] = {
+		"0.0.0.0:143", ":143", "*:143", "192.0.2.7:143", "[::]:143",
+		"[::ffff:192.0.2.7]:143", "imap.example.com:143",
+	};
+	char ini[512];
+	size_t i;
+
+	/* [upstream] tls = none: the admin passwords travel in clear. */
+	load(fx, MINIMAL "[upstream]\ntls = none\n", false);
+	assert_non_null(fx->cfg);
+	assert_int_equal(fx->diag.n_warnings, 1);
+	expect_in(fx, fx->diag.warnings, 6, "[upstream] tls: none sends the "
+	    "admin accounts' passwords to Exchange in clear");
+	load(fx, MINIMAL "[upstream]\ntls = STARTTLS\n", false);
+	assert_non_null(fx->cfg);
+	assert_int_equal(fx->diag.n_warnings, 0);
+
+	/* Plaintext LOGIN on a listener other hosts reach. */
+	for (i = 0; i < sizeof(exposed) / sizeof(exposed[0]); i++) {
+		snprintf(ini, sizeof(ini), MINIMAL "[shim]\nlisten_starttls = "
+		    "%s\nallow_plaintext_login = yes\n", exposed[i]);
+		load(fx, ini, false);
+		if (fx->cfg == NULL)
+			fail_msg("%s: %s", exposed[i], fx->diag.errors);
+		if (fx->diag.n_warnings != 1)
+			fail_msg("%s: %u warnings", exposed[i],
+			    fx->diag.n_warnings);
+		expect_in(fx, fx->diag.warnings, 7, "[shim] "
+		    "allow_plaintext_login: yes while listen_starttls = ");
+		assert_non_null(strstr(fx->diag.warnings, " is not a loopback "
+		    "address: clients may send LOGIN, with an admin account's "
+		    "password, over the network in clear\n"));
+	}
+	for (i = 0; i < sizeof(loopback) / sizeof(loopback[0]); i++) {
+		snprintf(ini, sizeof(ini), MINIMAL "[shim]\nlisten_starttls = "
+		    "%s\nallow_plaintext_login = yes\n", loopback[i]);
+		load(fx, ini, false);
+		assert_non_null(fx->cfg);
+		if (fx->diag.n_warnings != 0)
+			fail_msg("%s: %s", loopback[i], fx->diag.warnings);
+	}
+	/* No cleartext listener, or LOGIN only after STARTTLS: no warning. */
+	load(fx, MINIMAL "[shim]\nallow_plaintext_login = yes\n", false);
+	assert_int_equal(fx->diag.n_warnings, 0);
+	load(fx, MINIMAL "[shim]\nlisten_starttls = 0.0.0.0:143\n", false);
+	assert_non_null(fx->cfg);
+	assert_int_equal(fx->diag.n_warnings, 0);
+
+	/* A session_budget the admin accounts cannot fill, with what will
+	 * be used; the default budget is only a ceiling. */
+	load(fx, MINIMAL "[pool]\nsession_budget = 2048\n", false);
+	assert_non_null(fx->cfg);
+	assert_int_equal(fx->diag.n_warnings, 1);
+	expect_in(fx, fx->diag.warnings, 6, "[pool] session_budget: "
+	    "session_budget 2048 is more than the admin accounts allow "
+	    "together (16); imapshim will use at most 16\n");
+	load(fx, MIN_UPSTREAM "[admin A1]\npassword = a\nmax_sessions = 8\n"
+	    "[admin A2]\npassword = b\n[pool]\nsession_budget = 25\n", false);
+	assert_int_equal(fx->diag.n_warnings, 1);
+	expect_in(fx, fx->diag.warnings, 9, "[pool] session_budget: "
+	    "session_budget 25 is more than the admin accounts allow "
+	    "together (24); imapshim will use at most 24\n");
+	load(fx, MIN_UPSTREAM "[admin A1]\npassword = a\nmax_sessions = 8\n"
+	    "[admin A2]\npassword = b\n[pool]\nsession_budget = 24\n", false);
+	assert_non_null(fx->cfg);
+	assert_int_equal(fx->diag.n_warnings, 0);
+	load(fx, MINIMAL, false);
+	assert_int_equal(fx->diag.n_warnings, 0);
+
+	/* All three at once, each reported. */
+	load(fx, MINIMAL "[upstream]\ntls = none\n[pool]\nsession_budget = 17\n"
+	    "[shim]\nlisten_starttls = :143\nallow_plaintext_login = on\n",
+	    false);
+	assert_non_null(fx->cfg);
+	assert_int_equal(fx->diag.n_warnings, 3);
+}
+
+/* log_level takes any case, like the other enumerated values. */
+static void
+test_log_level_case(void **state)
+{
+	struct fx *fx = *state;
+
+	load(fx, MINIMAL "[shim]\nlog_level = INFO\n", false);
+	if (fx->cfg == NULL)
+		fail_msg("%s", fx->diag.errors);
+	assert_int_equal(fx->cfg->log_level, LOG_LVL_INFO);
+	load(fx, MINIMAL "[shim]\nlog_level = Debug\n", false);
+	assert_non_null(fx->cfg);
+	assert_int_equal(fx->cfg->log_level, LOG_LVL_DEBUG);
+	load(fx, MINIMAL "[shim]\nlog_level = WARN\n", false);
+	assert_non_null(fx->cfg);
+	assert_int_equal(fx->cfg->log_level, LOG_LVL_WARN);
+	load(fx, MINIMAL "[shim]\nlog_level = WARNING\n", false);
+	expect_err(fx, 6, "[shim] log_level: 'WARNING': must be error, warn, "
+	    "info or debug");
 }
 
 /* ---- file checks ---- */
@@ -916,6 +1050,8 @@ main(void)
 		T(test_inline_password_semicolon),
 		T(test_password_never_in_diag),
 		T(test_tls_verify_warning),
+		T(test_setting_warnings),
+		T(test_log_level_case),
 		T(test_password_file),
 		T(test_password_file_unreadable),
 		T(test_file_modes),

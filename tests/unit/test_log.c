@@ -1,4 +1,5 @@
-/* test_log.c - log line format, levels, value quoting, file reopen. */
+/* test_log.c - log line format, levels, value quoting, journal priority,
+ * file reopen. */
 #include <ctype.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -81,6 +82,49 @@ count_lines(const char *s)
 		if (*s == '\n')
 			n++;
 	return n;
+}
+
+/*
+ * The text of one line after its head is logfmt: key=value pairs split by
+ * one space, a value bare (no space, quote or '=') or "quoted" with only
+ * \" \\ \xNN escapes.  Mirrors tests/integration/harness.py's parser.
+ */
+static void
+assert_logfmt(const char *s)
+{
+	const char *k;
+
+	for (;;) {
+		k = s;
+		while (isalnum((unsigned char)*s) || *s == '_')
+			s++;
+		assert_true(s > k);
+		assert_int_equal(*s++, '=');
+		if (*s == '"') {
+			for (s++; *s != '"'; s++) {
+				assert_true(*s != '\0' && *s != '\n');
+				assert_true((unsigned char)*s >= 0x20);
+				if (*s != '\\')
+					continue;
+				s++;
+				if (*s == 'x') {
+					assert_true(isxdigit((unsigned char)s[1]));
+					assert_true(isxdigit((unsigned char)s[2]));
+					s += 2;
+				} else {
+					assert_true(*s == '"' || *s == '\\');
+				}
+			}
+			s++;
+		} else {
+			while (*s > ' ' && *s != '"' && *s != '=' &&
+			    (unsigned char)*s < 0x7f)
+				s++;
+		}
+		if (*s == '\n' || *s == '\0')
+			return;
+		assert_int_equal(*s++, ' ');
+	}
 }
 
 /* "2026-11-27T21:30:00.123Z " */
@@ -192,7 +236,15 @@ test_level_names(void **state)
 	assert_int_equal(lvl, LOG_LVL_INFO);
 	assert_int_equal(log_level_parse("debug", &lvl), 0);
 	assert_int_equal(lvl, LOG_LVL_DEBUG);
+	/* Case-insensitive, like the ini's other enum values. */
+	assert_int_equal(log_level_parse("INFO", &lvl), 0);
+	assert_int_equal(lvl, LOG_LVL_INFO);
+	assert_int_equal(log_level_parse("Warn", &lvl), 0);
+	assert_int_equal(lvl, LOG_LVL_WARN);
+	assert_int_equal(log_level_parse("DEBUG", &lvl), 0);
+	assert_int_equal(lvl, LOG_LVL_DEBUG);
 	assert_int_equal(log_level_parse("verbose", &lvl), -1);
+	assert_int_equal(log_level_parse("info ", &lvl), -1);
 	assert_int_equal(log_level_parse("", &lvl), -1);
 	assert_int_equal(lvl, LOG_LVL_DEBUG);
 	assert_string_equal(log_level_name(LOG_LVL_ERROR), "error");
@@ -205,7 +257,7 @@ static void
 test_long_line_cut(void **state)
 {
 	struct log_fixture *f = *state;
-	char *big, *buf;
+	char *big, *buf, *nl;
 	size_t len;
 
 	big = malloc(10000);
@@ -216,19 +268,61 @@ test_long_line_cut(void **state)
 	log_info("after", "ok=1");
 	buf = slurp(f->path, &len);
 	assert_int_equal(count_lines(buf), 2);
-	/* First line: exactly 4096 bytes including the newline. */
-	assert_int_equal(strchr(buf, '\n') - buf + 1, 4096);
-	assert_memory_equal(buf + 4092, "...\n", 4);
-	assert_non_null(strstr(buf + 4096, " level=info event=after ok=1\n"));
+	/* First line: at most 4096 bytes including the newline, the value
+	 * cut as "xxx...". */
+	nl = strchr(buf, '\n');
+	assert_true(nl - buf + 1 <= 4096 && nl - buf + 1 > 4080);
+	assert_memory_equal(nl - 4, "x...\n", 5);
+	assert_logfmt(buf + 25);
+	assert_non_null(strstr(nl, " level=info event=after ok=1\n"));
 	free(buf);
 	free(big);
+}
+
+/* A line cut anywhere stays logfmt: inside a quoted value (never inside an
+ * escape), right after one, or inside a key. */
+static void
+test_long_line_cut_logfmt(void **state)
+{
+	struct log_fixture *f = *state;
+	char big[5000], bare[5000], *buf, *line, *nl;
+	size_t pad, k;
+
+	for (pad = 0; pad < 60; pad++) {
+		/* pad plain bytes, then escaped text (\x01, \") that runs
+		 * past the limit: escapes straddle every cut point. */
+		memset(big, 'a', pad);
+		for (k = pad; k < pad + 4500; k++)
+			big[k] = "aa\\x01a\\\""[(k - pad) % 9];
+		big[k] = '\0';
+		log_info("cut", "q=\"%s\" b=bare", big);
+		/* Lines ending near the limit: cut in a bare value, in a key,
+		 * right after a closing quote. */
+		memset(bare, 'b', 4000 + pad);
+		bare[4000 + pad] = '\0';
+		log_info("cut2", "a=%s longkeyname=1 c=\"\" d=2", bare);
+		log_info("cut3", "a=\"%s\" longkeyname=1 c=\"\" d=2", bare);
+		buf = slurp(f->path, NULL);
+		assert_int_equal(count_lines(buf), 3);
+		for (line = buf; (nl = strchr(line, '\n')) != NULL;
+		    line = nl + 1) {
+			assert_true(nl - line + 1 <= 4096);
+			assert_logfmt(line + 25);
+			*nl = '\0';
+			/* Whole, or cut with "..." at the end. */
+			if (strcmp(nl - 3, "d=2") != 0)
+				assert_non_null(strstr(nl - 4, "..."));
+		}
+		free(buf);
+		assert_int_equal(truncate(f->path, 0), 0);
+	}
 }
 
 static void
 test_value_bare(void **state)
 {
 	char buf[64];
-	const char *tok = "user@example.com/NPUM:993+a-b=c,d*[x](y)_z.";
+	const char *tok = "user@example.com/NPUM:993+a-b,d*[x](y)_z.";
 
 	(void)state;
 	assert_ptr_equal(log_value(buf, sizeof(buf), tok, strlen(tok)), buf);
@@ -262,6 +356,52 @@ test_value_quoted(void **state)
 	    "\"a'b\"");
 	assert_string_equal(log_value(buf, sizeof(buf), "x;y", 3),
 	    "\"x;y\"");
+	/* '=' would make a reader see another key. */
+	assert_string_equal(log_value(buf, sizeof(buf), "a=b", 3),
+	    "\"a=b\"");
+}
+
+/* log_v(): the same escaping, into buffers that last for one log line. */
+static void
+test_log_v(void **state)
+{
+	struct log_fixture *f = *state;
+	char long_in[3000], *buf;
+	const char *v;
+	size_t vlen;
+
+	assert_string_equal(log_v("plain-token_1.2:3"), "plain-token_1.2:3");
+	assert_string_equal(log_v("a b"), "\"a b\"");
+	assert_string_equal(log_v("say \"hi\""), "\"say \\\"hi\\\"\"");
+	assert_string_equal(log_v("k=v"), "\"k=v\"");
+	assert_string_equal(log_v("dom\\adm"), "\"dom\\\\adm\"");
+	assert_string_equal(log_v("a\tb\x1b"), "\"a\\x09b\\x1b\"");
+	assert_string_equal(log_v("caf\xc3\xa9"), "\"caf\\xc3\\xa9\"");
+	assert_string_equal(log_v(""), "\"\"");
+	/* 8 used by now: the ninth gets the marker, not another's buffer. */
+	assert_string_equal(log_v("x"), "\"(too many log_v values)\"");
+	/* A log line frees the slots. */
+	log_info("v", "n=%d", 1);
+	assert_string_equal(log_v(NULL), "\"\"");
+	assert_string_equal(log_vn("abc def", 3), "abc");
+	assert_string_equal(log_vn("a\0b", 3), "\"a\\x00b\"");
+	/* Cut to fit LOG_V_MAX, still quoted. */
+	memset(long_in, ' ', sizeof(long_in) - 1);
+	long_in[sizeof(long_in) - 1] = '\0';
+	v = log_v(long_in);
+	vlen = strlen(v);
+	assert_int_equal(vlen, LOG_V_MAX - 1);
+	assert_memory_equal(v + vlen - 4, "...\"", 4);
+	assert_int_equal(v[0], '"');
+	log_info("long", "v=%s", v);
+	/* Eight values in one line, each its own. */
+	log_info("eight", "a=%s b=%s c=%s d=%s e=%s f=%s g=%s h=%s",
+	    log_v("1 1"), log_v("2"), log_v("3=3"), log_v("4"), log_v("5"),
+	    log_v("6"), log_v("7\""), log_v("8 8"));
+	buf = slurp(f->path, NULL);
+	assert_non_null(strstr(buf, " event=eight a=\"1 1\" b=2 c=\"3=3\" "
+	    "d=4 e=5 f=6 g=\"7\\\"\" h=\"8 8\"\n"));
+	free(buf);
 }
 
 static void
@@ -295,6 +435,83 @@ test_value_cut(void **state)
 	assert_string_equal(log_value(small, sizeof(small), "a b c", 5),
 	    "\"..");
 	assert_string_equal(log_value(small, 1, "a b c", 5), "");
+}
+
+/* Log three levels to stderr redirected to a new file, with JOURNAL_STREAM
+ * set to js (NULL: unset, "FILE": that file's dev:ino); the file's text. */
+static char *
+log_to_stderr_file(const char *js)
+{
+	char path[] = "/tmp/test_log_journal.XXXXXX";
+	char err[64], ids[64];
+	struct stat sb;
+	char *buf;
+	int fd, saved;
+
+	fd = mkstemp(path);
+	assert_true(fd != -1);
+	assert_int_equal(fstat(fd, &sb), 0);
+	if (js == NULL) {
+		unsetenv("JOURNAL_STREAM");
+	} else {
+		if (strcmp(js, "FILE") == 0) {
+			snprintf(ids, sizeof(ids), "%llu:%llu",
+			    (unsigned long long)sb.st_dev,
+			    (unsigned long long)sb.st_ino);
+			js = ids;
+		}
+		setenv("JOURNAL_STREAM", js, 1);
+	}
+	saved = dup(STDERR_FILENO);
+	assert_true(saved != -1);
+	assert_int_equal(dup2(fd, STDERR_FILENO), STDERR_FILENO);
+	/* The journal check runs when stderr is (re)opened as the target. */
+	assert_int_equal(log_open("stderr", err, sizeof(err)), 0);
+	log_set_level(LOG_LVL_DEBUG);
+	log_debug("d", "n=%d", 0);
+	log_info("i", "n=%d", 1);
+	log_warn("w", "n=%d", 2);
+	log_error("e", "n=%d", 3);
+	assert_int_equal(dup2(saved, STDERR_FILENO), STDERR_FILENO);
+	close(saved);
+	close(fd);
+	unsetenv("JOURNAL_STREAM");
+	assert_int_equal(log_open("stderr", err, sizeof(err)), 0);
+	log_set_level(LOG_LVL_INFO);
+	buf = slurp(path, NULL);
+	unlink(path);
+	return buf;
+}
+
+static void
+test_journal_priority(void **state)
+{
+	char *buf;
+
+	(void)state;
+	/* stderr is the stream JOURNAL_STREAM names: "<N>", no timestamp. */
+	buf = log_to_stderr_file("FILE");
+	assert_string_equal(buf,
+	    "<7>level=debug event=d n=0\n"
+	    "<6>level=info event=i n=1\n"
+	    "<4>level=warn event=w n=2\n"
+	    "<3>level=error event=e n=3\n");
+	free(buf);
+	/* Unset, not ours (inherited by a redirected child), or garbage:
+	 * timestamps as usual. */
+	buf = log_to_stderr_file(NULL);
+	assert_int_equal(count_lines(buf), 4);
+	assert_timestamp(buf);
+	assert_null(strchr(buf, '<'));
+	free(buf);
+	buf = log_to_stderr_file("1:2");
+	assert_timestamp(buf);
+	assert_null(strchr(buf, '<'));
+	free(buf);
+	buf = log_to_stderr_file("nonsense");
+	assert_timestamp(buf);
+	assert_null(strchr(buf, '<'));
+	free(buf);
 }
 
 static void
@@ -385,9 +602,13 @@ main(void)
 		cmocka_unit_test(test_level_names),
 		cmocka_unit_test_setup_teardown(test_long_line_cut, setup,
 		    teardown),
+		cmocka_unit_test_setup_teardown(test_long_line_cut_logfmt,
+		    setup, teardown),
 		cmocka_unit_test(test_value_bare),
 		cmocka_unit_test(test_value_quoted),
 		cmocka_unit_test(test_value_cut),
+		cmocka_unit_test_setup_teardown(test_log_v, setup, teardown),
+		cmocka_unit_test(test_journal_priority),
 		cmocka_unit_test_setup_teardown(test_reopen_after_rename,
 		    setup, teardown),
 		cmocka_unit_test_setup_teardown(test_open_errors, setup,

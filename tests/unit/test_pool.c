@@ -884,6 +884,114 @@ test_release_selected(void **state)
 	assert_int_equal(count_cmd(1, "CLOSE"), 0);
 }
 
+/* The console's pause (DESIGN 3.3 P11): no login starts, a pooled session
+ * of the waiter's mailbox still serves it, queue_timeout still bounds the
+ * wait, resume serves the queue at once. */
+static void
+test_pause(void **state)
+{
+	static struct tclient a, a2, b, c;
+
+	(void)state;
+	acq(&a, "a");
+	run();
+	fready(0);
+	rel(&a, POOL_RELEASE_CLEAN);
+	pool_pause(true);
+	assert_true(pool_is_paused());
+	acq(&b, "b");
+	run();
+	assert_int_equal(nf, 1);		/* no new login */
+	assert_int_equal(b.granted + b.failed, 0);
+	acq(&a2, "a");				/* its pooled session */
+	run();
+	fcmd(0, true);				/* NOOP */
+	assert_int_equal(a2.granted, 1);
+	pool_pause(false);
+	assert_false(pool_is_paused());
+	run();
+	assert_int_equal(nf, 2);
+	assert_string_equal(F[1].mailbox, "b");
+	fready(1);
+	assert_int_equal(b.granted, 1);
+
+	/* Paused until queue_timeout: the waiter is told why. */
+	pool_pause(true);
+	acq(&c, "c");
+	advance(C.queue_timeout_ms);
+	assert_int_equal(c.failed, 1);
+	assert_int_equal(c.why, POOL_FAIL_TIMEOUT);
+	assert_non_null(strstr(c.w.pw_explain, "paused by the operator"));
+	assert_int_equal(nf, 2);
+	pool_pause(false);
+}
+
+/* The console's drain (DESIGN 3.3 P11): no login on a drained server; its
+ * idle sessions close now, leased ones at release; kept across a reload
+ * by name; every server drained: logins wait. */
+static void
+test_drain(void **state)
+{
+	static struct addr_endpoint swapped[2];
+	static struct config c2;
+	static struct tclient a, b, c, d;
+
+	(void)state;
+	C.n_servers = 2;
+	pool_set_config(&C);
+	acq(&a, "a");
+	acq(&b, "b");
+	run();
+	fready(0);
+	fready(1);
+	assert_int_equal(F[0].server, 0);
+	assert_int_equal(F[1].server, 0);
+	rel(&b, POOL_RELEASE_CLEAN);		/* F[1] idle on server 0 */
+	assert_int_equal(pool_server_drain(0, true), 0);
+	assert_true(pool_server_draining(0));
+	assert_false(pool_server_draining(1));
+	assert_true(F[1].closed);
+	assert_string_equal(F[1].close_reason, "server-drained");
+	assert_false(F[0].closed);		/* leased: works on */
+	acq(&c, "c");
+	run();
+	assert_int_equal(F[2].server, 1);
+	fready(2);
+	rel(&a, POOL_RELEASE_CLEAN);		/* back from server 0: closed */
+	assert_true(F[0].closed);
+	assert_string_equal(F[0].close_reason, "server-drained");
+	rel(&c, POOL_RELEASE_CLEAN);		/* server 1: pooled */
+	assert_false(F[2].closed);
+	assert_int_equal(pool_server_drain(2, true), -1);
+
+	/* A reload that reorders the servers keeps the drain on its name. */
+	swapped[0] = servers[1];
+	swapped[1] = servers[0];
+	c2 = C;
+	c2.servers = swapped;
+	pool_set_config(&c2);
+	assert_true(pool_server_draining(1));
+	assert_false(pool_server_draining(0));
+
+	/* Every server drained: a login waits until one is enabled. */
+	assert_int_equal(pool_server_drain(0, true), 0);
+	assert_true(F[2].closed);		/* the idle one on it */
+	ffree(0);
+	ffree(1);
+	ffree(2);
+	acq(&d, "d");
+	advance(1000);
+	assert_int_equal(nf, 3);
+	assert_int_equal(d.granted + d.failed, 0);
+	assert_int_equal(pool_server_drain(1, false), 0);
+	run();
+	assert_int_equal(nf, 4);
+	assert_int_equal(F[3].server, 1);
+	assert_string_equal(c2.servers[F[3].server].host, "cas1.example.com");
+	fready(3);
+	assert_int_equal(d.granted, 1);
+}
+
 static void
 test_release_dirty(void **state)
 {
@@ -2147,6 +2255,8 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_quarantined_admin_not_chosen, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_all_servers_down, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_open_null, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_pause, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_drain, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reload_reorders_servers, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reload_raises_budget, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reload_lowers_budget, setup, teardown),

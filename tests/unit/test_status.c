@@ -115,6 +115,21 @@ retry_admin_quarantined(size_t admin, uint64_t now_ms)
 	return admin < nitems(fake_quarantined) && fake_quarantined[admin];
 }
 
+static bool fake_draining[8];
+static bool fake_paused;
+
+bool
+pool_server_draining(size_t server)
+{
+	return server < nitems(fake_draining) && fake_draining[server];
+}
+
+bool
+pool_is_paused(void)
+{
+	return fake_paused;
+}
+
 static bool fake_slowdown;
 static size_t fake_negcache;
 
@@ -194,6 +209,8 @@ setup(void **state)
 	memset(fake_failures, 0, sizeof(fake_failures));
 	memset(fake_last, 0, sizeof(fake_last));
 	memset(fake_quarantined, 0, sizeof(fake_quarantined));
+	memset(fake_draining, 0, sizeof(fake_draining));
+	fake_paused = false;
 
 	/* A busy moment: 6 sessions, one of an admin a reload removed. */
 	add_session("NPUMAdmin1", 0, "idle");
@@ -773,6 +790,8 @@ static const struct {
 	{ "imapshim_queue_wait_seconds", "histogram" },
 	{ "imapshim_queue_timeouts_total", "counter" },
 	{ "imapshim_server_up", "gauge" },
+	{ "imapshim_server_draining", "gauge" },
+	{ "imapshim_paused", "gauge" },
 	{ "imapshim_admin_quarantined", "gauge" },
 	{ "imapshim_command_seconds", "histogram" },
 	{ "imapshim_clients_refused_total", "counter" },
@@ -841,6 +860,8 @@ test_metrics_values(void **state)
 	/* Servers as written: IPv6 literal in brackets. */
 	assert_true(pm_get("imapshim_server_up", "server=\"cas1.example.com:993\"", NULL) == 1);
 	assert_true(pm_get("imapshim_server_up", "server=\"[::1]:1993\"", NULL) == 0);
+	assert_true(pm_get("imapshim_server_draining", "server=\"[::1]:1993\"", NULL) == 0);
+	assert_true(pm_get("imapshim_paused", "", NULL) == 0);
 	assert_true(pm_get("imapshim_admin_quarantined", "admin=\"NPUMAdmin1\"", NULL) == 0);
 	assert_true(pm_get("imapshim_admin_quarantined", "admin=\"" ADMIN_Q_PROM "\"", NULL) == 1);
 	assert_true(pm_get("imapshim_admin_max_sessions", "admin=\"NPUMAdmin1\"", NULL) == 16);
@@ -953,6 +974,56 @@ test_metrics_no_config(void **state)
 	free(m);
 }
 
+static char *
+render_table(int (*fn)(struct evbuffer *))
+{
+	struct evbuffer *b = evbuffer_new();
+	size_t n;
+	char *s;
+
+	assert_non_null(b);
+	assert_int_equal(fn(b), 0);
+	n = evbuffer_get_length(b);
+	s = malloc(n + 1);
+	assert_non_null(s);
+	evbuffer_remove(b, s, n);
+	s[n] = '\0';
+	evbuffer_free(b);
+	return s;
+}
+
+/* The console's "show pools" and "show servers": the same numbers as
+ * /status, one key=value line per item. */
+static void
+test_console_tables(void **state)
+{
+	char *t;
+
+	(void)state;
+	fake_paused = true;
+	fake_draining[1] = true;
+	t = render_table(status_render_pools);
+	assert_contains(t, "budget=100 used=6 free=94 queue=3 "
+	    "oldest_wait_seconds=1.25 paused=yes mode=multiplex\n");
+	assert_contains(t, "admin=NPUMAdmin1 max_sessions=16 used=4 free=12 "
+	    "login=0 idle=2 checking=1 resetting=0 handoff=0 leased=1 "
+	    "closing=0 quarantined=no configured=yes\n");
+	/* A name with a quote and a line break stays one quoted value. */
+	assert_contains(t, "admin=\"Adm\\\"in\\\\x\\x0ay\" max_sessions=7 used=1");
+	assert_contains(t, "admin=OldAdmin max_sessions=0 used=1 free=0 login=0 "
+	    "idle=0 checking=0 resetting=0 handoff=0 leased=0 closing=1 "
+	    "quarantined=no configured=no\n");
+	assert_null(strstr(t, "secret-mailbox-name"));
+	free(t);
+	t = render_table(status_render_servers);
+	assert_contains(t, "server=cas1.example.com:993 up=yes draining=no "
+	    "sessions=4 consecutive_failures=0 last_failure=\"\"\n");
+	assert_contains(t, "server=[::1]:1993 up=no draining=yes sessions=2 "
+	    "consecutive_failures=5 last_failure=\"certificate verify failed: "
+	    "\\\"expired\\\"\\x01\"\n");
+	free(t);
+}
+
 static void
 test_json(void **state)
 {
@@ -975,10 +1046,12 @@ test_json(void **state)
 	assert_contains(j, "\"used\":1,\"free\":6,\"quarantined\":true");
 	assert_contains(j, "{\"name\":\"OldAdmin\",\"max_sessions\":0,");
 	assert_contains(j, "\"configured\":false}");
+	assert_contains(j, "\"paused\":false,");
 	assert_contains(j, "{\"server\":\"cas1.example.com:993\",\"up\":true,"
+	    "\"draining\":false,"
 	    "\"consecutive_failures\":0,\"last_failure\":null}");
 	assert_contains(j, "{\"server\":\"[::1]:1993\",\"up\":false,"
-	    "\"consecutive_failures\":5,\"last_failure\":\"certificate verify "
+	    "\"draining\":false,\"consecutive_failures\":5,\"last_failure\":\"certificate verify "
 	    "failed: \\\"expired\\\"\\u0001\"}");
 	assert_contains(j, "\"counters\":{\"logins\":{\"ok\":3,\"refused\":1,"
 	    "\"error\":1},\"reuse\":2,\"queue_timeouts\":1");
@@ -990,8 +1063,13 @@ test_json(void **state)
 
 	cfg.pool_mode = CFG_POOL_SESSION;
 	cfg.session_budget = 4;		/* a reload lowered it below use */
+	fake_paused = true;
+	fake_draining[0] = true;
 	j = render(status_render_json);
 	assert_json(j);
+	assert_contains(j, "\"paused\":true,");
+	assert_contains(j, "{\"server\":\"cas1.example.com:993\",\"up\":true,"
+	    "\"draining\":true,");
 	assert_contains(j, "\"mode\":\"session\"");
 	assert_contains(j, "\"budget\":{\"total\":4,\"used\":6,\"free\":0}");
 	free(j);
@@ -1258,6 +1336,8 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_metrics_utf8, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_metrics_no_config, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_json, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_console_tables, setup,
+		    teardown),
 		cmocka_unit_test_setup_teardown(test_http, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_http_ipv6, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_http_bind_errors, setup, teardown),

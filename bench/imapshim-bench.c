@@ -23,7 +23,12 @@
  *           afterwards (UID SEARCH HEADER Message-ID, UID FETCH BODY.PEEK[],
  *           byte-exact), then deleted (UID STORE \Deleted, UID EXPUNGE)
  *   idle    LOGIN, SELECT, IDLE and hold; with --pid, the target's VmRSS
- *           before the first connect and while every session idles
+ *           and Pss before the first connect and --settle seconds after
+ *           the last session went idle (or at the end)
+ *   storm   idle as a platform restart does it: every session at once,
+ *           --connect-concurrency (default 128) of them between connect
+ *           and IDLE at a time; reports how many reached IDLE and when
+ *           the last one did
  *
  * Output: one JSON line on stdout.  Exit status 0; 1 when a verification
  * failed or errors exceeded 1% of operations; 2 on bad usage or set-up.
@@ -66,6 +71,7 @@
 #define LINE_LIMIT	(1024 * 1024)	/* longest response line accepted */
 #define TEARDOWN_GRACE	10		/* seconds for LOGOUTs after the end */
 #define HARD_EXTRA	30		/* hard stop: duration + this */
+#define SETTLE_HOLD	2		/* idle: seconds held after measuring */
 #define RECONNECT_MS	200		/* after an error */
 #define AUDIO_RAW	44000		/* -> ~60 KB of base64 with headers */
 
@@ -202,6 +208,8 @@ struct session {
 	bool			 ses_authed;
 	bool			 ses_bye;	/* untagged BYE seen */
 	bool			 ses_timeouts;	/* read/write timeouts armed */
+	bool			 ses_slot;	/* holds a connect slot */
+	bool			 ses_idled;	/* reached IDLE at least once */
 	unsigned		 ses_mbox;
 	char			 ses_user[256];
 	unsigned		 ses_cycle;	/* scenario iterations begun */
@@ -235,6 +243,13 @@ struct session {
 	uint32_t		 ses_appenduid;
 	bool			 ses_skip;	/* rest of this append cycle: skip */
 	struct timespec		 ses_poll_t;	/* last poll start */
+	SSL_SESSION		*ses_tls_sess;	/* --resume: offered next */
+};
+
+/* The target's memory as the OS sees it, KiB; -1: unknown. */
+struct mem {
+	long rss;	/* VmRSS */
+	long pss;	/* Pss: shared pages divided between their sharers */
 };
 
 static struct {
@@ -259,7 +274,11 @@ static struct {
 	const char		*label;
 	double			 timeout;
 	double			 ramp;
+	double			 settle;
 	bool			 keep;
+	bool			 resume;
+	bool			 storm;		/* --scenario storm (idle) */
+	unsigned		 conc;		/* --connect-concurrency; 0: all */
 
 	/* run */
 	struct event_base	*base;
@@ -271,9 +290,15 @@ static struct {
 	bool			 stopping;
 	bool			 hard;
 	struct event		*ev_stop, *ev_hard, *ev_grace, *ev_sig;
+	struct event		*ev_settle;
 	unsigned		 live;		/* sessions not DONE */
 	unsigned		 idling;
 	unsigned		 idling_at_end;
+	unsigned		 connecting;	/* connect slots held */
+	unsigned		*waitq;		/* sessions waiting for a slot */
+	unsigned		 wq_head, wq_n;
+	unsigned		 reached_idle;	/* sessions that idled once */
+	double			 all_idle_s;	/* when all first idled; <0: never */
 	uint32_t		 rng;
 	char			*audio;		/* shared base64 body part */
 	size_t			 audio_len;
@@ -287,13 +312,16 @@ static struct {
 	uint64_t		 cmd_errors[C_COUNT][2];	/* NO, BAD */
 	struct hist		 hist[C_COUNT];
 	struct hist		 hist_all;	/* every command but connect */
-	long			 rss_before, rss_after;
+	struct mem		 mem_before, mem_after;
+	uint64_t		 tls_hs[2];	/* handshakes: full, resumed */
+	bool			 measured;
 } B;
 
 static void ses_connect(struct session *);
 static void ses_next(struct session *);
 static void ses_close(struct session *, enum err, enum again);
 static void bench_stop(void);
+static void ses_timer_in(struct session *, enum ses_timer, double);
 
 /* ------------------------------------------------------------ utilities */
 
@@ -350,25 +378,37 @@ tv_of(double s)
 	return tv;
 }
 
+/* The "key: N kB" line of a /proc file, -1 when absent. */
 static long
-read_rss_kib(long pid)
+proc_kib(long pid, const char *file, const char *key)
 {
 	char path[64], line[256];
+	size_t klen = strlen(key);
 	FILE *f;
 	long v = -1;
 
 	if (pid <= 0)
 		return -1;
-	snprintf(path, sizeof(path), "/proc/%ld/status", pid);
+	snprintf(path, sizeof(path), "/proc/%ld/%s", pid, file);
 	if ((f = fopen(path, "r")) == NULL)
 		return -1;
 	while (fgets(line, sizeof(line), f) != NULL)
-		if (strncmp(line, "VmRSS:", 6) == 0) {
-			v = strtol(line + 6, NULL, 10);
+		if (strncmp(line, key, klen) == 0) {
+			v = strtol(line + klen, NULL, 10);
 			break;
 		}
 	fclose(f);
 	return v;
+}
+
+static struct mem
+read_mem(long pid)
+{
+	struct mem m;
+
+	m.rss = proc_kib(pid, "status", "VmRSS:");
+	m.pss = proc_kib(pid, "smaps_rollup", "Pss:");
+	return m;
 }
 
 /* s as an IMAP quoted string into out (2 * strlen(s) + 3 bytes); s holds
@@ -492,13 +532,71 @@ make_message(struct session *s)
 
 /* ------------------------------------------------------------ sessions */
 
+/*
+ * --connect-concurrency: a session holds one of B.conc slots from its
+ * connect until it first idles or its connection closes, as a platform
+ * reconnecting its mailboxes N at a time does; the others wait in order.
+ */
+static bool
+slot_take(struct session *s)
+{
+	if (B.conc == 0 || s->ses_slot)
+		return true;
+	if (B.connecting < B.conc) {
+		B.connecting++;
+		s->ses_slot = true;
+		return true;
+	}
+	B.waitq[(B.wq_head + B.wq_n++) % B.sessions] = s->ses_id;
+	return false;
+}
+
+static void
+slot_give(struct session *s)
+{
+	struct session *n;
+
+	if (!s->ses_slot)
+		return;
+	s->ses_slot = false;
+	if (B.wq_n == 0 || B.stopping) {
+		B.connecting--;
+		return;
+	}
+	n = &B.ses[B.waitq[B.wq_head]];
+	B.wq_head = (B.wq_head + 1) % B.sessions;
+	B.wq_n--;
+	n->ses_slot = true;		/* handed over: connects at once */
+	ses_timer_in(n, T_RECONNECT, 0);
+}
+
 static void
 ses_set_state(struct session *s, enum ses_state to)
 {
 	if (s->ses_state == SES_S_IDLING && to != SES_S_IDLING)
 		B.idling--;
-	if (to == SES_S_IDLING && s->ses_state != SES_S_IDLING)
+	if (to == SES_S_IDLING && s->ses_state != SES_S_IDLING) {
 		B.idling++;
+		slot_give(s);
+		if (!s->ses_idled) {
+			s->ses_idled = true;
+			B.reached_idle++;
+		}
+		if (B.idling == B.sessions && B.all_idle_s < 0) {
+			struct timespec t;
+
+			now(&t);
+			B.all_idle_s = (double)elapsed_us(&B.t_start, &t) / 1e6;
+		}
+		/* The last one is idle: measure once the target has had
+		 * --settle seconds to give its burst memory back. */
+		if (B.idling == B.sessions && B.settle > 0 && !B.stopping &&
+		    !B.measured) {
+			struct timeval tv = tv_of(B.settle);
+
+			evtimer_add(B.ev_settle, &tv);
+		}
+	}
 	if (to == SES_S_DONE && s->ses_state != SES_S_DONE)
 		B.live--;
 	s->ses_state = to;
@@ -1104,6 +1202,9 @@ ses_event_cb(struct bufferevent *bev, short what, void *arg)
 
 		setsockopt(bufferevent_getfd(bev), IPPROTO_TCP, TCP_NODELAY,
 		    &one, sizeof(one));
+		if (B.tls)
+			B.tls_hs[SSL_session_reused(
+			    bufferevent_openssl_get_ssl(bev)) == 1]++;
 		ses_set_state(s, SES_S_GREETING);
 		return;
 	}
@@ -1132,6 +1233,7 @@ ses_close(struct session *s, enum err why, enum again again)
 	if (why != E_COUNT)
 		count_error(why);
 	s->ses_dead = true;
+	slot_give(s);
 	if (s->ses_bev != NULL)
 		bufferevent_disable(s->ses_bev, EV_READ | EV_WRITE);
 	evtimer_del(s->ses_timer);
@@ -1155,6 +1257,11 @@ ses_free_bev(struct session *s)
 		if (ssl != NULL) {
 			SSL_set_quiet_shutdown(ssl, 0);
 			(void)SSL_shutdown(ssl);
+			/* TLS 1.3: the session of the last ticket read */
+			if (B.resume && SSL_is_init_finished(ssl)) {
+				SSL_SESSION_free(s->ses_tls_sess);
+				s->ses_tls_sess = SSL_get1_session(ssl);
+			}
 		}
 		ERR_clear_error();
 	}
@@ -1205,6 +1312,8 @@ ses_connect(struct session *s)
 			event_base_loopexit(B.base, NULL);
 		return;
 	}
+	if (!slot_take(s))
+		return;			/* slot_give() starts it */
 	s->ses_authed = false;
 	s->ses_bye = false;
 	s->ses_cont = false;
@@ -1224,6 +1333,8 @@ ses_connect(struct session *s)
 			die("SSL_new failed");
 		if (B.servername != NULL)
 			SSL_set_tlsext_host_name(ssl, B.servername);
+		if (s->ses_tls_sess != NULL)
+			SSL_set_session(ssl, s->ses_tls_sess);
 		if (!B.insecure) {
 			X509_VERIFY_PARAM *vp = SSL_get0_param(ssl);
 			const char *name = B.servername != NULL ? B.servername :
@@ -1271,14 +1382,22 @@ bench_stop(void)
 		return;
 	B.stopping = true;
 	now(&B.t_end);
-	B.idling_at_end = B.idling;
-	B.rss_after = read_rss_kib(B.pid);
+	if (!B.measured) {
+		B.idling_at_end = B.idling;
+		B.mem_after = read_mem(B.pid);
+	}
 	evtimer_add(B.ev_grace, &grace);
 	for (i = 0; i < B.sessions; i++) {
 		struct session *s = &B.ses[i];
 
 		if (s->ses_dead)
 			continue;
+		/* A storm measures the way in; the way out (thousands of
+		 * LOGOUTs) is no part of it: hang up. */
+		if (B.storm && s->ses_state != SES_S_OFF) {
+			ses_close(s, E_COUNT, AG_NO);
+			continue;
+		}
 		switch (s->ses_state) {
 		case SES_S_OFF:
 			evtimer_del(s->ses_timer);
@@ -1312,6 +1431,26 @@ stop_cb(evutil_socket_t fd, short what, void *arg)
 {
 	(void)fd; (void)what; (void)arg;
 	bench_stop();
+}
+
+/* Every session has idled for --settle seconds: the memory figure, then
+ * the end of the run.  A line on stderr tells a driver to take its own
+ * samples now; the sessions hold a moment longer for it. */
+static void
+settle_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct timeval hold = tv_of(SETTLE_HOLD);
+
+	(void)fd; (void)what; (void)arg;
+	if (B.idling != B.sessions || B.stopping)
+		return;
+	B.measured = true;
+	B.idling_at_end = B.idling;
+	B.mem_after = read_mem(B.pid);
+	fprintf(stderr, "imapshim-bench: settled: %u sessions idle\n", B.idling);
+	fflush(stderr);
+	evtimer_del(B.ev_stop);
+	evtimer_add(B.ev_stop, &hold);
 }
 
 static void
@@ -1356,6 +1495,29 @@ print_ms(const char *name, uint64_t us, bool comma)
 	printf("\"%s\":%.3f%s", name, (double)us / 1000.0, comma ? "," : "");
 }
 
+/* ,"name_kib_before":..,"name_kib_after":..,"name_per_session_kib":.. */
+static void
+print_mem(const char *name, long before, long after)
+{
+	unsigned n = B.scenario == SC_IDLE ? B.idling_at_end : B.sessions;
+
+	printf(",\"%s_kib_before\":", name);
+	if (before >= 0)
+		printf("%ld", before);
+	else
+		printf("null");
+	printf(",\"%s_kib_after\":", name);
+	if (after >= 0)
+		printf("%ld", after);
+	else
+		printf("null");
+	printf(",\"%s_per_session_kib\":", name);
+	if (before >= 0 && after >= 0 && n > 0)
+		printf("%.2f", (double)(after - before) / n);
+	else
+		printf("null");
+}
+
 static void
 print_report(void)
 {
@@ -1378,13 +1540,24 @@ print_report(void)
 	    "\"mailboxes\":%u,\"duration_s\":%.3f,\"ops\":%" PRIu64
 	    ",\"ops_per_s\":%.1f,\"logins\":%" PRIu64 ",\"logins_per_s\":%.1f,"
 	    "\"cycles\":%" PRIu64 ",\"cycles_per_s\":%.1f,",
-	    scen_names[B.scenario], B.tls ? "true" : "false", B.sessions,
+	    B.storm ? "storm" : scen_names[B.scenario],
+	    B.tls ? "true" : "false", B.sessions,
 	    B.mailboxes, secs, B.ops, (double)B.ops / secs, B.logins,
 	    (double)B.logins / secs, B.cycles, (double)B.cycles / secs);
 	if (B.scenario == SC_APPEND)
 		printf("\"appends_verified\":%" PRIu64 ",", B.appends_verified);
-	if (B.scenario == SC_IDLE)
-		printf("\"idling\":%u,", B.idling_at_end);
+	if (B.scenario == SC_IDLE) {
+		printf("\"idling\":%u,\"reached_idle\":%u,"
+		    "\"connect_concurrency\":%u,\"all_idle_s\":", B.idling_at_end,
+		    B.reached_idle, B.conc);
+		if (B.all_idle_s >= 0)
+			printf("%.3f,", B.all_idle_s);
+		else
+			printf("null,");
+	}
+	printf("\"handshakes_full\":%" PRIu64 ",\"handshakes_resumed\":%"
+	    PRIu64 ",",
+	    B.tls_hs[0], B.tls_hs[1]);
 	printf("\"errors_total\":%" PRIu64 ",\"errors\":{", nerr);
 	first = true;
 	for (i = 0; i < E_COUNT; i++) {
@@ -1419,26 +1592,11 @@ print_report(void)
 		printf("\"n\":%" PRIu64 "}", h->h_n);
 		first = false;
 	}
-	printf("},\"rss_kib_before\":");
-	if (B.rss_before >= 0)
-		printf("%ld", B.rss_before);
-	else
-		printf("null");
-	printf(",\"rss_kib_after\":");
-	if (B.rss_after >= 0)
-		printf("%ld", B.rss_after);
-	else
-		printf("null");
-	printf(",\"rss_per_session_kib\":");
-	{
-		unsigned n = B.scenario == SC_IDLE ? B.idling_at_end : B.sessions;
-
-		if (B.rss_before >= 0 && B.rss_after >= 0 && n > 0)
-			printf("%.1f", (double)(B.rss_after - B.rss_before) / n);
-		else
-			printf("null");
-	}
-	printf(",\"hard_stop\":%s}\n", B.hard ? "true" : "false");
+	printf("}");
+	print_mem("rss", B.mem_before.rss, B.mem_after.rss);
+	print_mem("pss", B.mem_before.pss, B.mem_after.pss);
+	printf(",\"settled\":%s,\"hard_stop\":%s}\n",
+	    B.measured ? "true" : "false", B.hard ? "true" : "false");
 	fflush(stdout);
 }
 
@@ -1460,14 +1618,19 @@ usage(void)
 "  --mailbox-base N     first mailbox number (default 0)\n"
 "  --user-format FMT    login name, %%s = mailbox (default example.com/NPUMAdmin1/%%s)\n"
 "  --password-file F    the password (first line)\n"
-"  --scenario S         churn, poll, steady, append or idle (default steady)\n"
+"  --scenario S         churn, poll, steady, append, idle or storm\n"
+"                       (default steady)\n"
 "  --duration S         measured seconds (default 10; 120 cap with --ops)\n"
 "  --ops N              stop after N operations\n"
 "  --poll-interval S    poll scenario interval (default 5)\n"
 "  --timeout S          per-command timeout (default 30)\n"
 "  --ramp S             spread session starts over S seconds (default 0)\n"
+"  --connect-concurrency N  at most N sessions between connect and their\n"
+"                       first IDLE (or close) at once (storm: 128; 0: all)\n"
 "  --keep               append: keep messages (default: delete after check)\n"
-"  --pid PID            report this process's VmRSS before and after\n"
+"  --resume             offer each session's last TLS session on reconnect\n"
+"  --pid PID            report this process's VmRSS and Pss before and after\n"
+"  --settle S           idle: measure and stop S s after the last session idles\n"
 "  --label STR          copied into the JSON line\n"
 "Prints one JSON line.  Exit 1: a verification failed or errors > 1%% of ops.\n");
 	exit(2);
@@ -1507,7 +1670,7 @@ parse_args(int argc, char **argv)
 	enum { O_HOST = 256, O_PORT, O_TLS, O_PLAIN, O_CAFILE, O_INSECURE,
 	    O_SNI, O_SESSIONS, O_MAILBOXES, O_MBASE, O_USERFMT, O_PWFILE,
 	    O_SCEN, O_DURATION, O_OPS, O_POLL, O_PID, O_LABEL, O_TIMEOUT,
-	    O_RAMP, O_KEEP, O_HELP };
+	    O_RAMP, O_SETTLE, O_KEEP, O_RESUME, O_CONC, O_HELP };
 	static const struct option opts[] = {
 		{ "host", required_argument, NULL, O_HOST },
 		{ "port", required_argument, NULL, O_PORT },
@@ -1529,11 +1692,15 @@ parse_args(int argc, char **argv)
 		{ "label", required_argument, NULL, O_LABEL },
 		{ "timeout", required_argument, NULL, O_TIMEOUT },
 		{ "ramp", required_argument, NULL, O_RAMP },
+		{ "settle", required_argument, NULL, O_SETTLE },
 		{ "keep", no_argument, NULL, O_KEEP },
+		{ "resume", no_argument, NULL, O_RESUME },
+		{ "connect-concurrency", required_argument, NULL, O_CONC },
 		{ "help", no_argument, NULL, O_HELP },
 		{ NULL, 0, NULL, 0 }
 	};
 	const char *pwfile = NULL;
+	bool conc_set = false;
 	int c;
 	unsigned i;
 	const char *p;
@@ -1570,6 +1737,14 @@ parse_args(int argc, char **argv)
 		case O_USERFMT: B.user_format = optarg; break;
 		case O_PWFILE: pwfile = optarg; break;
 		case O_SCEN:
+			if (strcmp(optarg, "storm") == 0) {
+				/* The idle script, started as a storm. */
+				B.storm = true;
+				B.scenario = SC_IDLE;
+				if (!conc_set)
+					B.conc = 128;
+				break;
+			}
 			for (i = 0; i < SC_COUNT; i++)
 				if (strcmp(optarg, scen_names[i]) == 0)
 					break;
@@ -1593,7 +1768,14 @@ parse_args(int argc, char **argv)
 			B.timeout = opt_num("timeout", optarg, 0.1, 600);
 			break;
 		case O_RAMP: B.ramp = opt_num("ramp", optarg, 0, 600); break;
+		case O_SETTLE: B.settle = opt_num("settle", optarg, 0, 600); break;
 		case O_KEEP: B.keep = true; break;
+		case O_RESUME: B.resume = true; break;
+		case O_CONC:
+			B.conc = (unsigned)opt_num("connect-concurrency", optarg,
+			    0, 50000);
+			conc_set = true;
+			break;
 		default: usage();
 		}
 	}
@@ -1655,7 +1837,8 @@ setup_tls(void)
 		die("SSL_CTX_new failed");
 	SSL_CTX_set_min_proto_version(B.ctx, TLS1_2_VERSION);
 	SSL_CTX_set_options(B.ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
-	/* every connection is a full handshake, as NuPoint's are */
+	/* Every connection is a full handshake, as NuPoint's are, unless
+	 * --resume (each session keeps its own: no shared cache). */
 	SSL_CTX_set_session_cache_mode(B.ctx, SSL_SESS_CACHE_OFF);
 	if (B.insecure) {
 		SSL_CTX_set_verify(B.ctx, SSL_VERIFY_NONE, NULL);
@@ -1685,20 +1868,24 @@ main(int argc, char **argv)
 	if (B.base == NULL)
 		die("event_base_new failed");
 	B.ses = calloc(B.sessions, sizeof(*B.ses));
-	if (B.ses == NULL)
+	B.waitq = calloc(B.sessions, sizeof(*B.waitq));
+	if (B.ses == NULL || B.waitq == NULL)
 		die("out of memory");
+	B.all_idle_s = -1;
 	B.ev_stop = evtimer_new(B.base, stop_cb, NULL);
 	B.ev_hard = evtimer_new(B.base, hard_cb, NULL);
 	B.ev_grace = evtimer_new(B.base, grace_cb, NULL);
 	B.ev_sig = evsignal_new(B.base, SIGINT, sig_cb, NULL);
+	B.ev_settle = evtimer_new(B.base, settle_cb, NULL);
 	if (B.ev_stop == NULL || B.ev_hard == NULL || B.ev_grace == NULL ||
-	    B.ev_sig == NULL)
+	    B.ev_sig == NULL || B.ev_settle == NULL)
 		die("cannot create events");
 	evsignal_add(B.ev_sig, NULL);
-	B.rss_before = read_rss_kib(B.pid);
-	B.rss_after = -1;
-	if (B.pid > 0 && B.rss_before < 0)
-		die("--pid %ld: cannot read /proc/%ld/status", B.pid, B.pid);
+	B.mem_before = read_mem(B.pid);
+	B.mem_after.rss = B.mem_after.pss = -1;
+	if (B.pid > 0 && (B.mem_before.rss < 0 || B.mem_before.pss < 0))
+		die("--pid %ld: cannot read /proc/%ld/status and smaps_rollup",
+		    B.pid, B.pid);
 
 	B.live = B.sessions;
 	for (i = 0; i < B.sessions; i++) {
@@ -1737,13 +1924,16 @@ main(int argc, char **argv)
 		ses_free_bev(&B.ses[i]);
 		event_free(B.ses[i].ses_timer);
 		free(B.ses[i].ses_msg);
+		SSL_SESSION_free(B.ses[i].ses_tls_sess);
 	}
 	free(B.ses);
+	free(B.waitq);
 	free(B.audio);
 	event_free(B.ev_stop);
 	event_free(B.ev_hard);
 	event_free(B.ev_grace);
 	event_free(B.ev_sig);
+	event_free(B.ev_settle);
 	event_base_free(B.base);
 	if (B.ctx != NULL)
 		SSL_CTX_free(B.ctx);

@@ -41,22 +41,40 @@ ADMIN = "NPUMAdmin1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 IDLE_SESSIONS = 2000         # the issue's figure; fewer if RLIMIT_NOFILE is low
-IDLE_RAMP_S = 25             # logins spread over this many seconds
+IDLE_RAMP_S = 25             # logins spread over at least this many seconds...
+IDLE_RAMP_RATE = 300         # ...and at most this many a second
 IDLE_BUDGET = 16
+# Memory is read this long after the last client went idle: twice the time
+# imapshim takes to give a quiet session's TLS buffers back (2 s quiet, seen
+# by a 2 s tick) and then its free heap to the system.
+IDLE_SETTLE_S = 8
+LAST_JSON = "bench-last.json"   # the previous run's rows, in the build directory
+CHURN_MAILBOXES = 200        # issue 15's measurement: 50 clients over 200
+# churn's pool: every mailbox keeps its upstream session (a warm pool), and
+# logins are not paced below what Dovecot takes, so the first run warms it
+# within a second or two (at the default login_rate of 20 it would take 10 s)
+# (a scenario "X-variant" runs imapshim-bench's scenario X)
+CHURN_POOL = {"session_budget": "256", "login_rate": "200", "login_burst": "200"}
 
 # name, bench options, imapshim [pool] settings, what the scenario shows.
 # Every scenario runs in multiplex mode (the default).  idle and poll hold
 # more client sessions than the budget; churn, steady and append get a budget
 # larger than their mailboxes, so pooled sessions are reused, not evicted.
 SCENARIOS = [
-    ("idle", ["--sessions", str(IDLE_SESSIONS), "--ramp", str(IDLE_RAMP_S)],
+    ("idle", [],                # idle_opts(): the count is an option
      # parked clients poll after the measurement, not during it; logins
      # paced only as far as Dovecot needs (the ramp sets the pace)
      {"session_budget": str(IDLE_BUDGET), "idle_poll_interval": "5m",
       "login_rate": "500", "login_burst": "500"},
      "%d sessions LOGIN, SELECT, IDLE and hold" % IDLE_SESSIONS),
-    ("churn", ["--sessions", "16", "--mailboxes", "24"], {"session_budget": "32"},
-     "connect, LOGIN, SELECT, STATUS|FETCH, LOGOUT; 16 clients over 24 mailboxes"),
+    # every connection a full TLS handshake, as NuPoint's are
+    ("churn", ["--sessions", "50", "--mailboxes", str(CHURN_MAILBOXES)], CHURN_POOL,
+     "connect, LOGIN, SELECT, STATUS|FETCH, LOGOUT; 50 clients over %d mailboxes"
+     % CHURN_MAILBOXES),
+    # the same with clients that resume their last TLS session (both targets)
+    ("churn-resume", ["--sessions", "50", "--mailboxes", str(CHURN_MAILBOXES),
+                      "--resume"], CHURN_POOL,
+     "churn, each client resuming its previous TLS session"),
     ("poll", ["--sessions", "32"], {"session_budget": "16"},
      "32 mailboxes poll NOOP, UID SEARCH UNSEEN, STATUS"),
     ("steady", ["--sessions", "16"], {"session_budget": "32"},
@@ -98,12 +116,44 @@ def group_pss_kib(pgid):
     return total
 
 
-def proc_rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
+def proc_kib(pid, name="status", key="VmRSS:"):
+    """A "key: N kB" figure of /proc/PID/name (VmRSS by default)."""
+    with open("/proc/%d/%s" % (pid, name)) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key):
                 return int(line.split()[1])
     return None
+
+
+def proc_rss_kib(pid):
+    return proc_kib(pid)
+
+
+def shim_heap(shim):
+    """imapshim's heap in use (its /metrics gauge), bytes."""
+    port = int(shim.config["shim"]["status_listen"].rsplit(":", 1)[1])
+    return harness.metric(port, "imapshim_heap_in_use_bytes")
+
+
+class SettleWatch(threading.Thread):
+    """Collects imapshim-bench's stderr; when the idle run says it has
+    settled (every client idle for --settle s), samples imapshim's heap
+    gauge while the clients still hold."""
+
+    def __init__(self, stream, shim):
+        super().__init__(daemon=True)
+        self.stream, self.shim = stream, shim
+        self.lines, self.heap = [], None
+
+    def run(self):
+        for raw in self.stream:
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            if "imapshim-bench: settled:" in line and self.shim is not None:
+                try:
+                    self.heap = shim_heap(self.shim)
+                except OSError:
+                    pass
 
 
 def _read_all(path):
@@ -235,7 +285,7 @@ def run_bench(args, env, scen, opts, target, dv, shim, dvlog):
         port, user_fmt = shim.port, "example.com/%s/%%s" % ADMIN
     cmd = [args.bench, "--host", harness.HOST, "--port", str(port), "--tls",
            "--cafile", env["ca"], "--password-file", env["pwfile"],
-           "--user-format", user_fmt, "--scenario", scen,
+           "--user-format", user_fmt, "--scenario", scen.split("-")[0],
            "--duration", str(duration_for(args, scen)), "--label", target] + opts
     if scen == "poll":
         cmd += ["--poll-interval", str(args.poll_interval)]
@@ -247,25 +297,35 @@ def run_bench(args, env, scen, opts, target, dv, shim, dvlog):
     cpu0 = proc_cpu_s(shim.proc.pid)
     rss0 = proc_rss_kib(shim.proc.pid)
     tls0 = shim_tls_handshakes(shim)
+    heap0 = shim_heap(shim) if target == "shim" and scen == "idle" else None
     sampler.start()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watch = SettleWatch(p.stderr, shim if heap0 is not None else None)
+    watch.start()
+    killer = threading.Timer(duration_for(args, scen) + 60, p.kill)
+    killer.start()
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           timeout=duration_for(args, scen) + 60)
+        stdout = p.stdout.read()
+        p.wait()
     finally:
+        killer.cancel()
         peak = sampler.stop()
+        watch.join(5)
     cpu1 = proc_cpu_s(shim.proc.pid)
     rss1 = proc_rss_kib(shim.proc.pid)
     tls1 = shim_tls_handshakes(shim)
     time.sleep(0.3)                         # Dovecot's log is written async
-    lines = p.stdout.decode(errors="replace").strip().splitlines()
+    lines = stdout.decode(errors="replace").strip().splitlines()
     try:
         res = json.loads(lines[-1])
     except (IndexError, ValueError):
         raise harness.HarnessError("%s %s: no JSON (exit %d)\n%s"
                                    % (scen, target, p.returncode,
-                                      p.stderr.decode(errors="replace")[-3000:]))
+                                      "".join(watch.lines)[-3000:]))
     res["exit"] = p.returncode
-    res["stderr"] = p.stderr.decode(errors="replace")
+    res["stderr"] = "".join(watch.lines)
+    if heap0 is not None and watch.heap is not None and res.get("idling"):
+        res["heap_per_session_kib"] = (watch.heap - heap0) / 1024.0 / res["idling"]
     res["shim_cpu_s"] = cpu1 - cpu0
     res["shim_rss_kib"] = (rss0, rss1)
     res["dovecot_logins"] = dvlog.count()
@@ -276,9 +336,23 @@ def run_bench(args, env, scen, opts, target, dv, shim, dvlog):
     return res
 
 
+def idle_ramp_s(n, ramp=None):
+    return ramp or max(IDLE_RAMP_S, n / IDLE_RAMP_RATE)
+
+
+def idle_opts(n, ramp):
+    return ["--sessions", str(n), "--ramp", "%g" % idle_ramp_s(n, ramp),
+            "--settle", str(IDLE_SETTLE_S)]
+
+
 def duration_for(args, scen):
-    """idle must outlast its ramp to measure every session idling."""
-    return max(args.duration, IDLE_RAMP_S + 15) if scen == "idle" else args.duration
+    """idle must outlast its ramp and settling (it ends once settled)."""
+    if scen != "idle":
+        return args.duration
+    # generous: a loaded machine logs in slower than the ramp, and the run
+    # ends as soon as every client idled for IDLE_SETTLE_S anyway
+    return max(args.duration, idle_ramp_s(args.idle_sessions, args.idle_ramp) +
+               IDLE_SETTLE_S + 60 + args.idle_sessions / 50)
 
 
 def mean(xs):
@@ -310,8 +384,12 @@ def summarize(scen, runs):
     row["tls"] = (full, resumed)
     row["dv_pss"] = (mean([r.get("dovecot_pss_kib") for r in d]),
                      mean([r.get("dovecot_pss_kib") for r in s]))
-    rss = [r["rss_per_session_kib"] for r in s if r.get("rss_per_session_kib") is not None]
-    row["rss"] = rss[0] if rss else None            # first run: a cold pool
+    for k in ("rss", "pss", "heap"):                # first run: a cold pool
+        v = [r[k + "_per_session_kib"] for r in s
+             if r.get(k + "_per_session_kib") is not None]
+        row[k] = v[0] if v else None
+    row["idling"] = s[0].get("idling") if s else None
+    row["settled"] = bool(s and s[0].get("settled"))
     clog = sum(r["logins"] for r in s)
     ulog = sum(r["dovecot_logins"] for r in s)
     # logins in the teardown are not in "logins": count every client login
@@ -330,13 +408,17 @@ def fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
 
 
-def print_table(rows, out):
+def print_table(rows, out, last):
+    """One line per scenario and, under it, the previous run's figures
+    (last: load_last()) when it ran that scenario."""
     hdr = ("scenario", "direct ops/s", "shim ops/s", "ratio", "p50 +ms", "p99 +ms",
            "CPU s/1k cmd", "KiB/session", "up logins/1k", "up sess/1k", "TLS resumed",
            "errors")
     cells = []
-    for r in rows:
-        cells.append((r["scenario"], fmt(r["d_ops"], ".1f"), fmt(r["s_ops"], ".1f"),
+    pairs = [(label, r) for row in rows for label, r in
+             ((row["scenario"], row), ("  last run", last.get(row["scenario"]))) if r]
+    for label, r in pairs:
+        cells.append((label, fmt(r["d_ops"], ".1f"), fmt(r["s_ops"], ".1f"),
                       fmt(r["ratio"], ".2f"), fmt(r["p50_add"], "+.3f"),
                       fmt(r["p99_add"], "+.3f"), fmt(r["cpu_s_1k"], ".4f"),
                       fmt(r["rss"], ".1f"), fmt(r["up_logins_k"], ".0f"),
@@ -351,6 +433,33 @@ def print_table(rows, out):
     for c in cells:
         print("  ".join(x.rjust(w) if i else x.ljust(w)
                         for i, (x, w) in enumerate(zip(c, widths))), file=out)
+
+
+def load_last(path):
+    """{scenario: row} of the previous run (LAST_JSON), {} when none."""
+    try:
+        with open(path) as f:
+            return {r["scenario"]: r for r in json.load(f)["rows"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def print_idle_memory(row, last, out):
+    """imapshim's memory per idle client as the OS sees it, with the
+    previous run's figures beside it."""
+    prev = last.get("idle") or {}
+
+    def fig(k):
+        was = prev.get(k)
+        return "%s KiB (last run %s%s)" % (
+            fmt(row.get(k), ".1f"), fmt(was, ".1f"),
+            "" if was is None or prev.get("idling") == row.get("idling")
+            else " at %s clients" % prev.get("idling"))
+    print("  %-7s imapshim per idle client, %s: VmRSS %s, Pss %s, heap in use %s"
+          % ("idle", "%d s after the last of %s went idle" % (IDLE_SETTLE_S, row.get("idling"))
+             if row.get("settled") else
+             "NOT SETTLED (%s idle at the end; heap not read)" % row.get("idling"),
+             fig("rss"), fig("pss"), fig("heap")), file=out)
 
 
 def print_details(scen, runs, out):
@@ -375,24 +484,31 @@ def print_details(scen, runs, out):
     if dpss and spss:
         n = max(r["peak_to_shim"] for r in ss)
         print("  %-7s Dovecot's own memory (PSS, all its processes) with %d idling clients: "
-              "%.0f MiB direct, %.0f MiB through imapshim (%d upstream sessions); "
-              "imapshim VmRSS %.1f KiB per client"
+              "%.0f MiB direct, %.0f MiB through imapshim (%d upstream sessions)"
               % ("", n, dpss / 1024.0, spss / 1024.0,
-                 max(r["peak_to_dovecot"] for r in ss),
-                 mean([r.get("rss_per_session_kib") for r in ss]) or 0), file=out)
+                 max(r["peak_to_dovecot"] for r in ss)), file=out)
     print("  %-7s through imapshim, per run: upstream peak %s for client peak %s; "
           "Dovecot logins %s for client logins %s"
           % ("", "/".join(str(r["peak_to_dovecot"]) for r in ss),
              "/".join(str(r["peak_to_shim"]) for r in ss),
              "/".join(str(r["dovecot_logins"]) for r in ss),
              "/".join(str(r["logins"]) for r in ss)), file=out)
+    if any(r.get("handshakes_resumed") for r in runs):
+        def resumed(rs):
+            full = sum(r.get("handshakes_full", 0) for r in rs)
+            res = sum(r.get("handshakes_resumed", 0) for r in rs)
+            return "%.0f%% of %d" % (100.0 * res / (full + res), full + res) \
+                if full + res else "-"
+        print("  %-7s clients' TLS handshakes resumed: direct %s, imapshim %s"
+              % ("", resumed(dd), resumed(ss)), file=out)
 
 
 # ------------------------------------------------------------- main
 
-def raise_fd_limit():
+def raise_fd_limit(wanted):
     """Lift the soft RLIMIT_NOFILE to the hard one (inherited by Dovecot,
-    imapshim and the load generator); returns how many idle sessions fit."""
+    imapshim and the load generator); returns how many of the wanted idle
+    sessions fit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
     if soft < want:
@@ -402,8 +518,9 @@ def raise_fd_limit():
         except (ValueError, OSError):
             pass
     # each idle session is a descriptor in the load generator, in imapshim
-    # and (direct runs) in Dovecot's login process
-    return max(32, min(IDLE_SESSIONS, (soft - 200) // 2))
+    # and (direct runs, only up to IDLE_SESSIONS) in Dovecot's login process
+    room = soft - 300 if wanted > IDLE_SESSIONS else (soft - 200) // 2
+    return max(32, min(wanted, room))
 
 
 def main():
@@ -415,7 +532,18 @@ def main():
     ap.add_argument("--poll-interval", type=float,
                     help="poll scenario interval (default 5 = NuPoint's; quick 1)")
     ap.add_argument("--scenarios", default=",".join(s[0] for s in SCENARIOS))
+    ap.add_argument("--idle-sessions", type=int, default=IDLE_SESSIONS,
+                    help="idle clients (default %d; more runs imapshim only, since "
+                    "Dovecot alone would need a process per client)" % IDLE_SESSIONS)
+    ap.add_argument("--idle-ramp", type=float,
+                    help="seconds over which the idle clients log in (default: "
+                    "%d, or %d a second for more)" % (IDLE_RAMP_S, IDLE_RAMP_RATE))
+    ap.add_argument("--shim-only", action="store_true",
+                    help="skip the direct runs (e.g. to measure imapshim's memory)")
     ap.add_argument("--json", help="also write every run's result here")
+    ap.add_argument("--last", default=LAST_JSON,
+                    help="the previous run's figures, read and then replaced "
+                    "(default %s in the current directory)" % LAST_JSON)
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
     args.duration = args.duration or (3.0 if args.quick else 10.0)
@@ -428,15 +556,15 @@ def main():
         print("run-bench: dovecot is not installed; skipping (apt-get install dovecot-imapd)")
         return 77
 
-    idle_sessions = raise_fd_limit()
-    if idle_sessions != IDLE_SESSIONS:
-        for i, sc in enumerate(SCENARIOS):
-            if sc[0] == "idle":
-                SCENARIOS[i] = (sc[0], ["--sessions", str(idle_sessions), "--ramp",
-                                        str(IDLE_RAMP_S)], sc[2],
-                                "%d sessions LOGIN, SELECT, IDLE and hold" % idle_sessions)
+    idle_sessions = raise_fd_limit(args.idle_sessions)
+    if idle_sessions != args.idle_sessions:
         print("run-bench: RLIMIT_NOFILE allows %d idle sessions, not %d"
-              % (idle_sessions, IDLE_SESSIONS), file=sys.stderr)
+              % (idle_sessions, args.idle_sessions), file=sys.stderr)
+    args.idle_sessions = idle_sessions
+    for i, sc in enumerate(SCENARIOS):
+        if sc[0] == "idle":
+            SCENARIOS[i] = (sc[0], idle_opts(idle_sessions, args.idle_ramp), sc[2],
+                            "%d sessions LOGIN, SELECT, IDLE and hold" % idle_sessions)
     t_start = time.monotonic()
     tmp = harness.make_tempdir("imapshim-bench-")
     admins = {"NPUMAdmin1": "Adm1n-" + secrets.token_hex(12),
@@ -454,19 +582,24 @@ def main():
                              "max_clients": str(idle_sessions + 1000),
                              "status_listen": "%s:%d" % (harness.HOST, harness.free_port())},
                     "upstream": {"login_format": "{mailbox}*{admin}"},
-                    "pool": {"mode": "multiplex"}},
+                    "pool": {"mode": "multiplex"},
+                    # session_budget bounds every scenario; churn's 256
+                    # sessions for 200 mailboxes need both accounts' room
+                    "admin NPUMAdmin1": {"max_sessions": "128"},
+                    "admin NPUMAdmin2": {"max_sessions": "128"}},
             starttls=False, name="imapshim-bench")
         env = {"ca": pki.ca.cert,
                "pwfile": harness.write_file(os.path.join(tmp, "bench.pw"),
                                             admins[ADMIN] + "\n")}
-        populate(dv, range(0, 32), 4)
+        churn = any(w.startswith("churn") for w in wanted)
+        populate(dv, range(0, CHURN_MAILBOXES if churn else 32), 4)
         dvlog = LogCounter(dv.log_path)
 
         print("imapshim bench: %s; %s" % (machine(), time.strftime("%Y-%m-%d %H:%M:%S")),
               file=out)
         print("  %g s per run, direct/shim alternated twice per scenario (idle: %g s, once "
               "each), a fresh imapshim per scenario;\n  TLS on every hop; imapshim %s: multiplex mode, "
-              "budget 16 (idle, poll) or 32, 2 admins, default limits and timeouts"
+              "budget 16 (idle, poll), 256 (churn) or 32, 2 admins, default limits and timeouts"
               % (args.duration, duration_for(args, "idle"), args.shim), file=out)
         out.flush()
         for scen, opts, pool_cfg, what in SCENARIOS:
@@ -478,12 +611,19 @@ def main():
             shim.start()
             runs = []
             # idle measures memory, not a rate: one run each is enough
-            for target in ("direct", "shim") if scen == "idle" else (
-                    "direct", "shim", "direct", "shim"):
+            if scen != "idle":
+                targets = ("direct", "shim", "direct", "shim")
+            elif idle_sessions <= IDLE_SESSIONS:
+                targets = ("direct", "shim")
+            else:
+                targets = ("shim",)
+            if args.shim_only:
+                targets = [t for t in targets if t == "shim"]
+            for target in targets:
                 if not shim.alive():
                     raise harness.HarnessError("imapshim died:\n" + shim.log_text()[-3000:])
                 r = run_bench(args, env, scen, opts, target, dv, shim, dvlog)
-                r["scenario_desc"] = what
+                r["scenario"], r["scenario_desc"] = scen, what
                 runs.append(r)
                 if r["exit"] != 0:
                     failed = True
@@ -497,25 +637,36 @@ def main():
             allruns.extend(runs)
             rows.append(summarize(scen, runs))
         print("", file=out)
-        print_table(rows, out)
+        last = load_last(args.last)
+        print_table(rows, out, last)
         print("", file=out)
         for scen, _, _, what in SCENARIOS:
             rs = [r for r in allruns if r["scenario"] == scen]
             if rs:
                 print_details(scen, rs, out)
+            if scen == "idle" and rs:
+                print_idle_memory(rows[[r["scenario"] for r in rows].index("idle")],
+                                  last, out)
         print("", file=out)
         print("  ratio = shim ops/s / direct ops/s; p50/p99 +ms = latency added over all "
               "commands (mean of runs);\n  CPU = imapshim utime+stime in seconds per 1000 "
               "commands (x1000 = microseconds per command);\n  KiB/session = imapshim VmRSS "
-              "growth per idling client (first idle run);\n  TLS resumed = upstream TLS "
+              "growth per idling client, %d s after the last went idle;\n  TLS resumed = upstream TLS "
               "handshakes resumed from imapshim's session cache;\n"
               "  up logins/1k = Dovecot logins per 1000 client logins; up sess/1k = peak "
               "upstream per 1000 peak client connections;\n  idle and poll offer a fixed load "
-              "(ratio 1.00 = kept up); churn, steady and append are closed loops.", file=out)
+              "(ratio 1.00 = kept up); churn, steady and append are closed loops."
+              % IDLE_SETTLE_S, file=out)
         checks = ["%s %d/%d" % (r["scenario"], *r["direct_check"]) for r in rows]
         print("  cross-check, direct runs, Dovecot logins / bench logins (teardown "
               "excluded): " + ", ".join(checks), file=out)
         print("  total %.0f s" % (time.monotonic() - t_start), file=out)
+        # the next run prints these figures beside its own
+        with open(args.last, "w") as f:
+            json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "rows": rows
+                       + [v for k, v in last.items()
+                          if k not in [r["scenario"] for r in rows]]}, f)
         if args.json:
             with open(args.json, "w") as f:
                 for r in allruns:

@@ -191,6 +191,7 @@ cl_resume_reading(struct client *c)
 	bufferevent_enable(c->cl_bev, EV_READ);
 	if (evbuffer_get_length(bufferevent_get_input(c->cl_bev)) > 0)
 		bufferevent_trigger(c->cl_bev, EV_READ, BEV_TRIG_DEFER_CALLBACKS);
+	relay_read_pending(c->cl_bev);
 }
 
 /*
@@ -423,6 +424,9 @@ cl_pool_granted(struct pool_waiter *w, struct upstream *u)
 	case CL_S_POLLING:
 		cl_attach_granted(c);
 		break;
+	case CL_S_PARKED_IDLE:
+		cl_poll_granted(c);
+		break;
 	case CL_S_RECOVERING:
 		cl_recover_granted(c);
 		break;
@@ -443,6 +447,9 @@ cl_pool_failed(struct pool_waiter *w, enum pool_fail why, const char *reason)
 	case CL_S_ATTACHING:
 	case CL_S_POLLING:
 		cl_attach_failed(c, why);
+		break;
+	case CL_S_PARKED_IDLE:
+		cl_poll_failed(c);
 		break;
 	case CL_S_RECOVERING:
 		cl_recover_failed(c);
@@ -468,6 +475,8 @@ cl_ask_pool(struct client *c)
 	w->pw_granted = cl_pool_granted;
 	w->pw_failed = cl_pool_failed;
 	w->pw_arg = c;
+	/* Parked and idling, the only reason to ask is an IDLE poll. */
+	w->pw_poll = c->cl_state == CL_S_PARKED_IDLE;
 	c->cl_waiting = true;
 	pool_acquire(w);
 }
@@ -486,6 +495,7 @@ cl_read_cb(struct bufferevent *bev, void *arg)
 	bool authed;
 
 	c->cl_active_ms = util_now_ms();
+	relay_read_pending(bev);	/* runs after this callback */
 	for (;;) {
 		if (c->cl_logout || c->cl_end_bye != NULL ||
 		    !cl_state_reads(c->cl_state))
@@ -544,7 +554,8 @@ cl_event_cb(struct bufferevent *bev, short what, void *arg)
 	if (what & BEV_EVENT_CONNECTED) {
 		/* Stop watching records for tls_client_failure(). */
 		if (c->cl_ssl != NULL)
-			(void)tls_handshake_done(c->cl_ssl);
+			stats_client_tls(tls_handshake_done(c->cl_ssl));
+		relay_read_pending(bev);
 		if (c->cl_state == CL_S_HANDSHAKE) {
 			cl_set_state(c, CL_S_NOTAUTH);
 			cl_send_greeting(c);
@@ -677,8 +688,10 @@ client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
 		free(c);
 		return;
 	}
-	if (c->cl_tls)
+	if (c->cl_tls) {
 		bufferevent_openssl_set_allow_dirty_shutdown(c->cl_bev, 1);
+		relay_read_ahead(c->cl_bev);
+	}
 	TAILQ_INSERT_TAIL(&cl_all, c, cl_link);
 	cl_count++;
 	cl_state_counts[c->cl_state]++;

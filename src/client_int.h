@@ -204,6 +204,8 @@ struct client {
 	bool cl_drop_next;		/* next command was answered already */
 	uint64_t cl_active_ms;		/* last client byte or command */
 	uint64_t cl_up_active_ms;	/* last command sent or reply byte */
+	uint64_t cl_poll_due_ms;	/* PARKED_IDLE: the next poll is due */
+	uint64_t cl_poll_ran_ms;	/* the last poll got its session */
 
 	uint64_t cl_started_ms;
 	uint64_t cl_bytes_in, cl_bytes_out;
@@ -306,6 +308,17 @@ void cl_attach_granted(struct client *c);
 void cl_attach_failed(struct client *c, enum pool_fail why);
 void cl_park_timer_apply(struct client *c);
 void cl_park_timer_cb(evutil_socket_t fd, short what, void *arg);
+/* IDLE polls (DESIGN 3.4 M10): the pool's answer to a poll asked while
+ * PARKED_IDLE, and the client's DONE withdrawing it. */
+void cl_poll_granted(struct client *c);
+void cl_poll_failed(struct client *c);
+void cl_poll_cancel(struct client *c);
+/* When the next poll is due: one interval after the last one ran
+ * (last_ran_ms, 0: none) if that is still ahead, else now + r, r drawn
+ * uniformly from [0, interval): clients that parked together poll spread
+ * over the whole interval, and a late poll moves the next one back. */
+uint64_t cl_poll_due(uint64_t now_ms, uint64_t last_ran_ms,
+    uint64_t interval_ms, uint64_t r);
 
 /* client_recover.c: after an upstream loss */
 void cl_replay_release(struct client *c);

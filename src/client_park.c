@@ -7,6 +7,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "stats.h"
 #include "upstream.h"
 #include "util.h"
 
@@ -25,7 +26,7 @@ cl_arm_park_ev(struct client *c, uint64_t ms)
 void
 cl_park_timer_apply(struct client *c)
 {
-	uint64_t ms;
+	uint64_t ms, now;
 
 	switch (cl_park_timer_kind(c)) {
 	case CL_P_PARK:
@@ -37,10 +38,13 @@ cl_park_timer_apply(struct client *c)
 	case CL_P_REFRESH:
 		cl_arm_park_ev(c, cl_cfg()->idle_refresh_ms);
 		break;
-	case CL_P_POLL:		/* spread out with jitter */
+	case CL_P_POLL:
 		ms = cl_cfg()->idle_poll_interval_ms;
-		cl_arm_park_ev(c, ms / 2 +
-		    (uint64_t)arc4random_uniform((uint32_t)(ms / 2 + 1)));
+		now = util_now_ms();
+		c->cl_poll_due_ms = cl_poll_due(now, c->cl_poll_ran_ms, ms,
+		    arc4random_uniform((uint32_t)(ms < UINT32_MAX ? ms :
+		    UINT32_MAX)));
+		cl_arm_park_ev(c, c->cl_poll_due_ms - now);
 		break;
 	case CL_P_NONE:
 		evtimer_del(c->cl_park_ev);
@@ -430,7 +434,13 @@ cl_park_timer_cb(evutil_socket_t fd, short what, void *arg)
 		cl_reattach(c);		/* an APPEND check waiting to retry */
 		break;
 	case CL_S_PARKED_IDLE:
-		cl_attach(c, CL_S_POLLING);
+		/* Due: the poll waits in the pool's FIFO of polls, behind
+		 * every command (DESIGN 3.3 P3), while the client stays
+		 * parked with reading on, so its DONE is answered at once
+		 * and withdraws the poll (cl_poll_cancel). */
+		c->cl_recover_tries = 0;
+		c->cl_rs = CL_RS_SELECT;
+		cl_ask_pool(c);
 		break;
 	case CL_S_IDLE:
 		/* Renew the real IDLE (Exchange logs idle sessions out after
@@ -448,5 +458,48 @@ cl_park_timer_cb(evutil_socket_t fd, short what, void *arg)
 		break;
 	default:
 		break;
+	}
+}
+
+uint64_t
+cl_poll_due(uint64_t now_ms, uint64_t last_ran_ms, uint64_t interval_ms,
+    uint64_t r)
+{
+	if (last_ran_ms != 0 && last_ran_ms + interval_ms > now_ms)
+		return last_ran_ms + interval_ms;
+	return now_ms + r;
+}
+
+/* The poll has its session: how late it runs is the poll lag. */
+void
+cl_poll_granted(struct client *c)
+{
+	uint64_t now = util_now_ms(), ival = cl_cfg()->idle_poll_interval_ms;
+	uint64_t lag = now > c->cl_poll_due_ms ? now - c->cl_poll_due_ms : 0;
+
+	/* Polled one interval after the last one: the achieved interval. */
+	stats_poll(now, lag, c->cl_poll_ran_ms != 0 &&
+	    c->cl_poll_due_ms == c->cl_poll_ran_ms + ival ?
+	    now - c->cl_poll_ran_ms : 0);
+	c->cl_poll_ran_ms = now;
+	cl_set_state(c, CL_S_POLLING);
+	cl_attach_granted(c);
+}
+
+/* No session for the poll (every server down, refused): the next one is
+ * due one interval from now, not at once. */
+void
+cl_poll_failed(struct client *c)
+{
+	c->cl_poll_ran_ms = util_now_ms();
+	cl_park_timer_apply(c);
+}
+
+void
+cl_poll_cancel(struct client *c)
+{
+	if (c->cl_waiting) {
+		pool_cancel(&c->cl_waiter);
+		c->cl_waiting = false;
 	}
 }

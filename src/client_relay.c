@@ -274,9 +274,10 @@ cl_idle_done_locally(struct client *c, const struct imap_frame *fr,
 
 	c->cl_bytes_in += fr->len;
 	evbuffer_drain(in, fr->len);
-	if (c->cl_state == CL_S_PARKED_IDLE)
+	if (c->cl_state == CL_S_PARKED_IDLE) {
+		cl_poll_cancel(c);	/* a poll waiting for its session */
 		cl_set_state(c, CL_S_PARKED);
-	else
+	} else
 		cl_recover_done_idle(c);
 	if (p != NULL)
 		cl_pend_answer(c, p, "OK IDLE terminated.");

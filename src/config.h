@@ -87,6 +87,7 @@ struct config {
 	uint64_t idle_refresh_ms;		/* default 25m */
 	unsigned login_rate;			/* default 20 per second */
 	unsigned login_burst;			/* default 40 */
+	unsigned max_logins_in_flight;		/* default 32, per server */
 
 	/* [retry] */
 	unsigned login_attempts;		/* default 3 */

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -48,8 +49,8 @@ static const struct timeval main_cert_tv = { 86400, 0 };
  * TLS buffers back (see client_trim). */
 #define MAIN_TRIM_MS 2000
 static const struct timeval main_trim_tv = { MAIN_TRIM_MS / 1000, 0 };
-/* Free heap above which it goes back to the system. */
-#define MAIN_TRIM_HEAP_FREE (8u << 20)
+/* Resident but unused heap above which it goes back to the system. */
+#define MAIN_TRIM_HEAP_FREE (1u << 20)
 static bool main_draining;
 static uint64_t main_drain_deadline_ms;
 
@@ -73,6 +74,53 @@ main_print_diag(const struct config_diag *d)
 		fputs(d->errors, stderr);
 	if (d->n_warnings > 0)
 		fputs(d->warnings, stderr);
+}
+
+/*
+ * Descriptors: one per client, one per upstream session (at most
+ * session_budget), and a few more: listeners, the status and console
+ * sockets and their connections, log and protocol log files, DNS, the
+ * event loop's own.
+ */
+#define MAIN_FD_HEADROOM 64
+
+/*
+ * Lift the soft RLIMIT_NOFILE to the hard limit (-t: only say what the
+ * start would get), and warn when that cannot hold max_clients: the
+ * clients beyond it would be refused at accept (EMFILE) at the worst
+ * moment, a platform restart.  Returns the warning, or NULL.
+ */
+static const char *
+main_fd_limit(const struct config *cfg, bool check, char *buf, size_t len)
+{
+	uint64_t need = (uint64_t)cfg->max_clients + cfg->session_budget +
+	    MAIN_FD_HEADROOM, was;
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+		return NULL;
+	was = rl.rlim_cur;
+	if (rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		if (!check && setrlimit(RLIMIT_NOFILE, &rl) != 0)
+			rl.rlim_cur = was;	/* above the kernel's nr_open */
+		else if (!check)
+			log_info("fd_limit_raised", "from=%llu to=%llu",
+			    (unsigned long long)was,
+			    (unsigned long long)rl.rlim_cur);
+	}
+	if (rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= need)
+		return NULL;
+	snprintf(buf, len, "the open-file limit is %llu, enough for about "
+	    "%llu clients, not max_clients = %u (it needs %llu: one per "
+	    "client, session_budget = %u, %u more); raise LimitNOFILE= in "
+	    "the systemd unit (or ulimit -n) to at least %llu, or lower "
+	    "max_clients", (unsigned long long)rl.rlim_cur,
+	    (unsigned long long)(rl.rlim_cur > cfg->session_budget +
+	    MAIN_FD_HEADROOM ? rl.rlim_cur - cfg->session_budget -
+	    MAIN_FD_HEADROOM : 0), cfg->max_clients, (unsigned long long)need,
+	    cfg->session_budget, MAIN_FD_HEADROOM, (unsigned long long)need);
+	return buf;
 }
 
 static SSL_CTX *
@@ -265,6 +313,8 @@ main_trim_cb(evutil_socket_t fd, short what, void *arg)
 	client_trim(MAIN_TRIM_MS);
 	upstream_trim();
 	util_heap_trim(MAIN_TRIM_HEAP_FREE);
+	/* On time even when no client gets a ticket: an old key erased. */
+	(void)tls_ticket_rotate((int64_t)time(NULL));
 }
 
 static void
@@ -391,6 +441,7 @@ main(int argc, char **argv)
 	int ch;
 	size_t i;
 
+	util_heap_setup();
 	util_count_allocations();	/* before libevent or OpenSSL allocate */
 	while ((ch = getopt(argc, argv, "c:tVh")) != -1) {
 		switch (ch) {
@@ -428,6 +479,8 @@ main(int argc, char **argv)
 			config_free(main_cfg);
 			return 1;
 		}
+		if (main_fd_limit(main_cfg, true, err, sizeof(err)) != NULL)
+			fprintf(stderr, "%s: warning: %s\n", path, err);
 		printf("%s: configuration is valid\n", path);
 		config_free(main_cfg);
 		return 0;
@@ -447,6 +500,9 @@ main(int argc, char **argv)
 	    diag.warnings);
 	if (protolog_open(main_cfg->protocol_log, err, sizeof(err)) != 0)
 		log_fatal("start", "reason=%s", log_v(err));
+	if (main_fd_limit(main_cfg, false, err, sizeof(err)) != NULL)
+		log_warn("fd_limit_low", "max_clients=%u reason=%s",
+		    main_cfg->max_clients, log_v(err));
 	if (!main_cfg->tls_verify)
 		log_warn("tls_verify_off", "reason=\"[upstream] tls_verify = no: "
 		    "Exchange certificates are NOT verified\"");

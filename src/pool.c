@@ -20,8 +20,9 @@
  *   LEASED     a client is the lessee
  *   CLOSING    closed or lost; waiting for on_free (still counted)
  *
- * Waiters are in P.queue (FIFO, PW_QUEUED) until their result is decided,
- * then in P.deliver (PW_DELIVER) until pool_tick() calls them back.
+ * Waiters are in P.queue, IDLE polls in P.polls (FIFOs, PW_QUEUED; polls
+ * are served after the queue and never time out) until their result is
+ * decided, then in P.deliver (PW_DELIVER) until pool_tick() calls them back.
  */
 #include "pool.h"
 
@@ -59,6 +60,14 @@
  * costs more, and a second copy would only be evicted again later.
  */
 #define POOL_BUSY_WAIT_MS 500
+/*
+ * A pass looks no further down the IDLE polls once they are blocked and
+ * this many of them ask for room: the pressure they cause is bounded (a
+ * poll backlog is worked off as sessions come free, not by parking every
+ * attached client at once), and a pass costs the same with 20 or 20,000
+ * polls waiting.
+ */
+#define POOL_POLL_PRESSURE 64
 #define POOL_UP_BUCKETS 4096	/* upstream pointer -> entry */
 #define POOL_PREF_SLOTS 1024	/* mailbox -> the account that serves it */
 
@@ -149,8 +158,9 @@ static struct {
 	struct pool_entry_hlist by_up[POOL_UP_BUCKETS];
 
 	struct pool_waiter_list queue;
+	struct pool_waiter_list polls;	/* IDLE polls: served after queue */
 	struct pool_waiter_list deliver;
-	unsigned n_queued;
+	unsigned n_queued, n_polls;
 
 	bool in_tick;
 	bool rerun;
@@ -538,10 +548,29 @@ entry_lookup(const struct upstream *u)
 	return NULL;
 }
 
+/* The FIFO w waits in: an IDLE poll yields to every other waiter (P3). */
+static struct pool_waiter_list *
+waiter_fifo(const struct pool_waiter *w)
+{
+	return w->pw_poll ? &P.polls : &P.queue;
+}
+
+/* Take a PW_QUEUED w out of its FIFO. */
+static void
+waiter_unqueue(struct pool_waiter *w)
+{
+	TAILQ_REMOVE(waiter_fifo(w), w, pw_link);
+	if (w->pw_poll)
+		P.n_polls--;
+	else
+		P.n_queued--;
+}
+
 /* Put w back into the queue at its place (by the time it first asked). */
 static void
 waiter_requeue(struct pool_waiter *w)
 {
+	struct pool_waiter_list *q = waiter_fifo(w);
 	struct pool_waiter *o;
 
 	if (w->pw_state == PW_DELIVER)
@@ -550,14 +579,17 @@ waiter_requeue(struct pool_waiter *w)
 		return;
 	w->pw_state = PW_QUEUED;
 	w->pw_queued = true;
-	P.n_queued++;
-	TAILQ_FOREACH_REVERSE(o, &P.queue, pool_waiter_list, pw_link)
+	if (w->pw_poll)
+		P.n_polls++;
+	else
+		P.n_queued++;
+	TAILQ_FOREACH_REVERSE(o, q, pool_waiter_list, pw_link)
 		if (o->pw_since_ms <= w->pw_since_ms)
 			break;
 	if (o == NULL)
-		TAILQ_INSERT_HEAD(&P.queue, w, pw_link);
+		TAILQ_INSERT_HEAD(q, w, pw_link);
 	else
-		TAILQ_INSERT_AFTER(&P.queue, o, w, pw_link);
+		TAILQ_INSERT_AFTER(q, o, w, pw_link);
 }
 
 /* Break the link between e and the waiter it was working for; a waiter
@@ -711,10 +743,9 @@ waiter_fail(struct pool_waiter *w, enum pool_fail why, const char *reason)
 		if (e->pe_state == PE_HANDOFF)
 			entry_to_idle(e);
 	}
-	if (w->pw_state == PW_QUEUED) {
-		TAILQ_REMOVE(&P.queue, w, pw_link);
-		P.n_queued--;
-	} else if (w->pw_state == PW_DELIVER)
+	if (w->pw_state == PW_QUEUED)
+		waiter_unqueue(w);
+	else if (w->pw_state == PW_DELIVER)
 		TAILQ_REMOVE(&P.deliver, w, pw_link);
 	w->pw_state = PW_DELIVER;
 	w->pw_fail_why = why;
@@ -736,10 +767,8 @@ entry_handoff(struct pool_entry *e, struct pool_waiter *w, bool reused)
 	e->pe_reused = reused;
 	w->pw_entry = e;
 	entry_set_state(e, PE_HANDOFF);
-	if (w->pw_state == PW_QUEUED) {
-		TAILQ_REMOVE(&P.queue, w, pw_link);
-		P.n_queued--;
-	}
+	if (w->pw_state == PW_QUEUED)
+		waiter_unqueue(w);
 	w->pw_state = PW_DELIVER;
 	TAILQ_INSERT_TAIL(&P.deliver, w, pw_link);
 	pool_kick();
@@ -907,12 +936,39 @@ pool_login_failed(struct pool_waiter *w, const struct pool_entry *e,
 
 	retry_classify(cfg, why, reason, &v);
 	cls = v.rv_class;
+	if (cls == RETRY_SERVER && v.rv_load &&
+	    retry_server_overloaded(e->pe_server, reason, e->pe_started_ms,
+	    now)) {
+		/* Busy, not down (R14): the bound is lower now; w waits. */
+		stats_login_failure(STATS_ATTR_SERVER, 1);
+		if (w == NULL)
+			return;
+		if (e->pe_probe)
+			w->pw_probe = PROBE_PENDING;	/* no answer yet */
+		/* Not one of its attempts (R7): queue_timeout bounds it. */
+		if (w->pw_attempts > 0)
+			w->pw_attempts--;
+		w->pw_overloads++;
+		snprintf(w->pw_reason, sizeof(w->pw_reason), "%s", reason);
+		delay = retry_backoff_ms(cfg, w->pw_overloads, retry_rand());
+		w->pw_not_before_ms = now + delay;
+		stats_login_retry(v.rv_reason);
+		log_info("pool_retry", "entry=%llu mailbox=%s admin=%s "
+		    "server=%s class=overload label=%s attempt=%u "
+		    "backoff_ms=%llu reason=%s", (unsigned long long)e->pe_id,
+		    lv(mb, sizeof(mb), w->pw_mailbox), a->pa_name,
+		    entry_server(e, srv, sizeof(srv)), v.rv_label,
+		    w->pw_overloads, (unsigned long long)delay,
+		    lv(rv, sizeof(rv), reason));
+		pool_kick();
+		return;
+	}
 	if (cls == RETRY_SERVER) {
 		retry_server_failed(e->pe_server, reason, now);
 		stats_login_failure(STATS_ATTR_SERVER, 1);
 	} else {
 		/* The server answered: as an endpoint it works. */
-		retry_server_ok(e->pe_server);
+		retry_server_success(e->pe_server, now);
 		retry_login_refused(ai, entry_domain(e), e->pe_mailbox, now);
 		if (pref_admin(e->pe_mailbox) == ai)
 			pref_set(e->pe_mailbox, NULL);
@@ -1066,7 +1122,7 @@ pool_up_ready_cb(void *arg)
 	P.logins_ok++;
 	stats_upstream_login(STATS_LOGIN_OK);
 	w = e->pe_waiter;
-	retry_server_ok(e->pe_server);
+	retry_server_success(e->pe_server, pool_now());
 	good_note(e, pool_now());
 	retry_login_ok(e->pe_admin->pa_removed ? (size_t)-1 :
 	    e->pe_admin->pa_index, entry_domain(e), e->pe_mailbox, pool_now());
@@ -1194,6 +1250,29 @@ pool_reset_done(void *arg, bool ok)
 
 enum open_result { OPEN_OK, OPEN_NO_TOKEN, OPEN_NO_ROOM, OPEN_FAILED };
 
+/*
+ * Servers whose logins in flight (connect, TLS, login: entries in LOGIN)
+ * reached their current bound, as a mask (DESIGN 3.3 P12).  Counted, not
+ * kept: a reload remaps servers, and the walk is over at most the bound
+ * times the servers.  Servers from index 64 on have no bound.
+ */
+static uint64_t
+servers_full(void)
+{
+	unsigned n[64] = { 0 };
+	struct pool_entry *e;
+	uint64_t full = 0;
+	size_t i;
+
+	TAILQ_FOREACH(e, &P.lists[PE_LOGIN], pe_link)
+		if (e->pe_server < 64)
+			n[e->pe_server]++;
+	for (i = 0; i < P.cfg->n_servers && i < 64; i++)
+		if (n[i] >= retry_server_limit(i))
+			full |= bit(i);
+	return full;
+}
+
 /* Take a pooled session for w: NOOP first, granted when it answers. */
 static bool
 serve_from_idle(struct pool_waiter *w)
@@ -1220,7 +1299,7 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 	struct pool_admin *best = NULL, *a;
 	struct pool_entry *e;
 	struct upstream *u;
-	uint64_t tok_at = UINT64_MAX, nb;
+	uint64_t tok_at = UINT64_MAX, nb, full;
 	bool room = false, any, best_new = false, is_new;
 	size_t i, j, bi = 0, server, pref;
 	const struct pool_good *probe = NULL;
@@ -1285,23 +1364,35 @@ serve_open(struct pool_waiter *w, uint64_t now, uint64_t *next)
 			*next = tok_at;
 		return OPEN_NO_TOKEN;
 	}
-	/* The server: the first one up; on a retry, not one that failed
-	 * w, and not the last one where another will do. */
-	if (w->pw_attempts == 0)
+	/* The server: the first one up; on a retry (after overload too:
+	 * another server may have room), not one that failed w, and not
+	 * the last one where another will do; never one with its bound of
+	 * logins in flight reached (P12). */
+	full = servers_full();
+	if (w->pw_attempts == 0 && w->pw_overloads == 0)
 		/* retry_server_pick(now, -1) without its last resort (a
 		 * server still in its cooldown): wait for the probe then. */
-		server = retry_server_pick_except(now, P.draining);
+		server = retry_server_pick_except(now, P.draining | full);
 	else {
 		server = (size_t)-1;
 		if (w->pw_last_server != (size_t)-1)
 			server = retry_server_pick_except(now, P.draining |
-			    w->pw_servers_failed | bit(w->pw_last_server));
+			    full | w->pw_servers_failed |
+			    bit(w->pw_last_server));
 		if (server == (size_t)-1)
 			server = retry_server_pick_except(now, P.draining |
-			    w->pw_servers_failed);
+			    full | w->pw_servers_failed);
 	}
 	if (server >= cfg->n_servers) {
 		char rv[300];
+
+		/* A server w may use is busy with logins: wait for one of
+		 * them to end (it kicks the pool), in w's place. */
+		for (i = 0; i < cfg->n_servers && i < 64; i++)
+			if ((full & ~P.draining & ~w->pw_servers_failed &
+			    bit(i)) != 0 && (retry_server_up(i, now) ||
+			    retry_server_probing(i, now)))
+				return OPEN_NO_TOKEN;
 
 		/* A probe is under way: its answer decides. */
 		for (i = 0; i < cfg->n_servers; i++)
@@ -1452,13 +1543,21 @@ claim_resetting(const struct pool_waiter *w)
 static void
 serve_queue(uint64_t now, uint64_t *next)
 {
+	struct pool_waiter_list *const fifos[] = { &P.queue, &P.polls };
 	struct pool_waiter *w, *wn;
-	unsigned pending = P.counts[PE_CLOSING], need = 0;
+	unsigned pending = P.counts[PE_CLOSING], need = 0, cmd_need = 0;
 	bool blocked = false, no_room = false;
+	size_t f;
 
 	P.pass++;
 
-	TAILQ_FOREACH_SAFE(w, &P.queue, pw_link, wn) {
+	/* Commands first, then IDLE polls: a poll starts no login while a
+	 * command waiter cannot (P3), and makes room only after them. */
+	for (f = 0; f < nitems(fifos); f++, cmd_need = need)
+	TAILQ_FOREACH_SAFE(w, fifos[f], pw_link, wn) {
+		if (w->pw_poll && blocked &&
+		    need - cmd_need >= POOL_POLL_PRESSURE)
+			break;
 		/* A waiter whose login is under way still takes a pooled
 		 * session of its mailbox that turns up first. */
 		if (w->pw_entry != NULL && w->pw_entry->pe_state != PE_LOGIN)
@@ -1613,7 +1712,10 @@ deliver(void)
 				P.reuses++;
 				stats_pool_reuse();
 			}
-			stats_queue_wait(waited * 1000);
+			/* A client's wait; a poll's lateness is the
+			 * client's poll lag (stats_poll). */
+			if (!w->pw_poll)
+				stats_queue_wait(waited * 1000);
 			log_info("pool_grant", "entry=%llu mailbox=%s admin=%s "
 			    "reused=%s wait_ms=%llu",
 			    (unsigned long long)e->pe_id,
@@ -1726,6 +1828,7 @@ pool_init(const struct config *cfg, const struct pool_ops *ops)
 	for (i = 0; i < POOL_UP_BUCKETS; i++)
 		LIST_INIT(&P.by_up[i]);
 	TAILQ_INIT(&P.queue);
+	TAILQ_INIT(&P.polls);
 	TAILQ_INIT(&P.deliver);
 	P.init = true;
 	pool_build_admins(cfg);
@@ -1745,6 +1848,7 @@ pool_set_config(const struct config *cfg)
 		TAILQ_FOREACH(e, &P.lists[i], pe_link)
 			e->pe_server = server_remap(P.cfg, cfg, e->pe_server);
 	waiters_remap(&P.queue, P.cfg, cfg);
+	waiters_remap(&P.polls, P.cfg, cfg);
 	waiters_remap(&P.deliver, P.cfg, cfg);
 	P.draining = server_mask_remap(P.cfg, cfg, P.draining);
 	P.cfg = cfg;
@@ -1775,15 +1879,15 @@ pool_shutdown(void)
 	if (!P.init || P.shut)
 		return;
 	/* Waiters are dropped: their clients are closing too. */
-	while ((w = TAILQ_FIRST(&P.queue)) != NULL) {
-		TAILQ_REMOVE(&P.queue, w, pw_link);
+	while ((w = TAILQ_FIRST(&P.queue)) != NULL ||
+	    (w = TAILQ_FIRST(&P.polls)) != NULL) {
+		waiter_unqueue(w);
 		w->pw_state = PW_NONE;
 		w->pw_queued = false;
 		if (w->pw_entry != NULL)
 			w->pw_entry->pe_waiter = NULL;
 		w->pw_entry = NULL;
 	}
-	P.n_queued = 0;
 	while ((w = TAILQ_FIRST(&P.deliver)) != NULL) {
 		TAILQ_REMOVE(&P.deliver, w, pw_link);
 		w->pw_state = PW_NONE;
@@ -1829,7 +1933,8 @@ pool_acquire(struct pool_waiter *w)
 		return;
 	now = pool_now();
 	w->pw_since_ms = now;
-	w->pw_deadline_ms = now + P.cfg->queue_timeout_ms;
+	w->pw_deadline_ms = w->pw_poll ? UINT64_MAX :
+	    now + P.cfg->queue_timeout_ms;
 	w->pw_entry = NULL;
 	w->pw_reason[0] = '\0';
 	w->pw_attempts = 0;
@@ -1838,6 +1943,7 @@ pool_acquire(struct pool_waiter *w)
 	w->pw_admins_refused = 0;
 	w->pw_last_server = (size_t)-1;
 	w->pw_not_before_ms = 0;
+	w->pw_overloads = 0;
 	w->pw_explain[0] = '\0';
 	w->pw_admins_declined = 0;
 	w->pw_first_refusal_ms = 0;
@@ -1847,8 +1953,11 @@ pool_acquire(struct pool_waiter *w)
 	w->pw_probe_admin = (size_t)-1;
 	w->pw_state = PW_QUEUED;
 	w->pw_queued = true;
-	TAILQ_INSERT_TAIL(&P.queue, w, pw_link);
-	P.n_queued++;
+	TAILQ_INSERT_TAIL(waiter_fifo(w), w, pw_link);
+	if (w->pw_poll)
+		P.n_polls++;
+	else
+		P.n_queued++;
 	/* Refused recently: answered from the cache, without a login. */
 	if (retry_negcache_hit(waiter_domain(w), w->pw_mailbox, now)) {
 		char mb[80];
@@ -1871,10 +1980,9 @@ pool_cancel(struct pool_waiter *w)
 
 	if (w->pw_state == PW_NONE)
 		return;
-	if (w->pw_state == PW_QUEUED) {
-		TAILQ_REMOVE(&P.queue, w, pw_link);
-		P.n_queued--;
-	} else
+	if (w->pw_state == PW_QUEUED)
+		waiter_unqueue(w);
+	else
 		TAILQ_REMOVE(&P.deliver, w, pw_link);
 	w->pw_state = PW_NONE;
 	w->pw_queued = false;
@@ -1955,6 +2063,7 @@ pool_get_stats(struct pool_stats *st)
 	st->idle = P.counts[PE_IDLE];
 	st->leased = P.counts[PE_LEASED] + P.counts[PE_HANDOFF];
 	st->waiters = P.n_queued;
+	st->poll_waiters = P.n_polls;
 	st->reuses = P.reuses;
 	st->logins_ok = P.logins_ok;
 	st->logins_failed = P.logins_failed;

@@ -8,7 +8,8 @@
  * free capacity, not rate-limited, ties round-robin), the idle sessions
  * kept logged in per mailbox (LRU, retired after reuse_timeout or before
  * Exchange's failure counters run out), the FIFO queue of waiters, and the
- * login pacing (a token bucket of login_rate/login_burst per admin).
+ * login pacing (a token bucket of login_rate/login_burst per admin, and per
+ * server at most retry_server_limit() logins in flight: DESIGN 3.3 P12).
  *
  * A client asks for a session for its mailbox with pool_acquire(); the pool
  * answers later, never from inside pool_acquire(), through the waiter's
@@ -56,7 +57,7 @@ typedef void (*pool_granted_cb)(struct pool_waiter *w, struct upstream *u);
 typedef void (*pool_failed_cb)(struct pool_waiter *w, enum pool_fail why,
     const char *reason);
 
-/* Embedded in the client; the caller fills the first five fields. */
+/* Embedded in the client; the caller fills the first six fields. */
 struct pool_waiter {
 	char pw_mailbox[IMAPSHIM_MAILBOX_MAX + 1];
 	/* The client's {domain}: used upstream when [upstream] domain is
@@ -65,6 +66,10 @@ struct pool_waiter {
 	pool_granted_cb pw_granted;
 	pool_failed_cb pw_failed;
 	void *pw_arg;
+	/* An IDLE poll (DESIGN 3.4 M10): it yields to every other waiter,
+	 * in a FIFO of its own, and has no queue_timeout (nobody waits for
+	 * its answer; it runs when a session is free). */
+	bool pw_poll;
 	/* private to pool.c */
 	bool pw_queued;
 	uint64_t pw_since_ms;
@@ -87,6 +92,7 @@ struct pool_waiter {
 	uint64_t pw_admins_refused;	/* admins that refused it (RETRY_FINAL) */
 	size_t pw_last_server;		/* of its last login, or (size_t)-1 */
 	uint64_t pw_not_before_ms;	/* backoff: no new login before */
+	unsigned pw_overloads;		/* its logins that met overload (R14) */
 	/* Attribution (DESIGN 3.5 R5). */
 	uint64_t pw_admins_declined;	/* admins that refused it transiently */
 	uint64_t pw_first_refusal_ms;	/* 0: none yet */
@@ -185,7 +191,8 @@ struct pool_stats {
 	unsigned connecting;		/* connect, TLS, login */
 	unsigned idle;			/* in the pool */
 	unsigned leased;
-	unsigned waiters;
+	unsigned waiters;		/* commands and logins */
+	unsigned poll_waiters;		/* IDLE polls (pw_poll) */
 	uint64_t reuses;		/* grants served by a pooled session */
 	uint64_t logins_ok, logins_failed;
 	uint64_t queue_timeouts;

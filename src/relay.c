@@ -3,8 +3,10 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
 #include <event2/bufferevent_struct.h>
 #include <event2/event.h>
+#include <openssl/ssl.h>
 
 bool
 relay_frame_next(struct imap_framer *fr, struct evbuffer *in,
@@ -103,4 +105,25 @@ relay_write_now(struct bufferevent *bev)
 	    (bufferevent_get_enabled(bev) & EV_WRITE) &&
 	    evbuffer_get_length(bufferevent_get_output(bev)) > 0)
 		event_active(&bev->ev_write, EV_WRITE, 1);
+}
+
+void
+relay_read_ahead(struct bufferevent *bev)
+{
+	SSL *ssl = bufferevent_openssl_get_ssl(bev);
+
+	/* A filter reads its records from the underlying evbuffer, which
+	 * libevent drains on its own. */
+	if (ssl != NULL && bufferevent_get_underlying(bev) == NULL)
+		SSL_set_read_ahead(ssl, 1);
+}
+
+void
+relay_read_pending(struct bufferevent *bev)
+{
+	SSL *ssl = bufferevent_openssl_get_ssl(bev);
+
+	if (ssl != NULL && SSL_get_read_ahead(ssl) &&
+	    (bufferevent_get_enabled(bev) & EV_READ) && SSL_has_pending(ssl))
+		event_active(&bev->ev_read, EV_READ, 1);
 }

@@ -4,7 +4,8 @@
  * Owns no object: helpers shared by client.c and upstream.c to run the
  * imap_parse framer over a bufferevent's input (lines are never copied
  * for it), to move literal data in TLS-record-sized pieces, to write in the
- * current loop pass, and the high/low-water constants that bound each
+ * current loop pass, to read TLS records ahead (one read() per arrival)
+ * without leaving any behind, and the high/low-water constants that bound each
  * session's buffers.  Backpressure never uses read high-watermarks (they
  * stall on SSL bufferevents): the reader disables EV_READ on its source and
  * the sink's write low-watermark callback enables it again.
@@ -57,5 +58,21 @@ bool relay_output_full(struct bufferevent *dst);
  * reply or a command.
  */
 void relay_write_now(struct bufferevent *bev);
+
+/*
+ * TLS read-ahead for bev, an OpenSSL bufferevent on a socket: one read()
+ * takes every record the socket holds, instead of one read() for a
+ * record's header and one for its body.  libevent 2.1 reads on only while
+ * SSL_pending() > 0, which does not count records read ahead and not yet
+ * opened, so relay_read_pending() must run wherever they could be left
+ * behind: in every read callback, after the handshake, and wherever
+ * reading is turned back on.  A filter bufferevent is left alone.
+ */
+void relay_read_ahead(struct bufferevent *bev);
+
+/* If OpenSSL holds records read ahead on bev and reading is on, run bev's
+ * read event in this pass of the loop (no system call: OpenSSL opens them
+ * from its buffer).  Turning reading off cancels it. */
+void relay_read_pending(struct bufferevent *bev);
 
 #endif

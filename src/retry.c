@@ -46,6 +46,7 @@ struct retry_rule {
 	enum retry_class rr_class;
 	enum stats_retry_reason rr_reason;
 	const char *rr_label;		/* NULL: from retry_transient_labels */
+	bool rr_load;			/* a sign of load (R14) */
 };
 
 /*
@@ -59,45 +60,51 @@ struct retry_rule {
 static const struct retry_rule retry_rules[] = {
 	/* Certificate verification: never retried unverified. */
 	{ W(UP_FAIL_CERT), RR_ANY, NULL,
-	  RETRY_SERVER, STATS_RETRY_CERTIFICATE, "certificate" },
+	  RETRY_SERVER, STATS_RETRY_CERTIFICATE, "certificate", false },
 	/* Plaintext "* BYE Connection is closed. 14" where a TLS handshake
 	 * was expected: no certificate bound to IMAP (event 1102).  tls.c
 	 * words it with both markers. */
 	{ W(UP_FAIL_TLS) | W(UP_FAIL_PROTOCOL), RR_TEXT, "event 1102",
-	  RETRY_SERVER, STATS_RETRY_CERTIFICATE, "no-certificate-bound" },
+	  RETRY_SERVER, STATS_RETRY_CERTIFICATE, "no-certificate-bound",
+	  false },
 	{ W(UP_FAIL_TLS), RR_TEXT, "Connection is closed. 14",
-	  RETRY_SERVER, STATS_RETRY_CERTIFICATE, "no-certificate-bound" },
+	  RETRY_SERVER, STATS_RETRY_CERTIFICATE, "no-certificate-bound",
+	  false },
 	{ W(UP_FAIL_TLS), RR_ANY, NULL,
-	  RETRY_SERVER, STATS_RETRY_TLS, "tls-handshake" },
+	  RETRY_SERVER, STATS_RETRY_TLS, "tls-handshake", false },
 	{ W(UP_FAIL_CONNECT), RR_ANY, NULL,
-	  RETRY_SERVER, STATS_RETRY_CONNECT, "connect" },
+	  RETRY_SERVER, STATS_RETRY_CONNECT, "connect", false },
+	/* A timeout at any stage: a dead server, or one too busy to answer
+	 * in time; a refused or reset connection is no sign of load (nothing
+	 * listens, or the server is restarting). */
 	{ W(UP_FAIL_TIMEOUT), RR_ANY, NULL,
-	  RETRY_SERVER, STATS_RETRY_TIMEOUT, "timeout" },
+	  RETRY_SERVER, STATS_RETRY_TIMEOUT, "timeout", true },
 	/* BYE greetings (reference §1.8). */
 	{ W(UP_FAIL_GREETING), RR_TEXT, "Connection is closed. 14",
-	  RETRY_SERVER, STATS_RETRY_GREETING, "no-certificate-bound" },
+	  RETRY_SERVER, STATS_RETRY_GREETING, "no-certificate-bound", false },
 	{ W(UP_FAIL_GREETING), RR_TEXT, "Connection is closed. 10",
-	  RETRY_SERVER, STATS_RETRY_GREETING, "connection-limit" },
+	  RETRY_SERVER, STATS_RETRY_GREETING, "connection-limit", true },
 	{ W(UP_FAIL_GREETING), RR_TEXT, "Connection is closed. 12",
-	  RETRY_SERVER, STATS_RETRY_GREETING, "service-stopping" },
+	  RETRY_SERVER, STATS_RETRY_GREETING, "service-stopping", false },
 	{ W(UP_FAIL_GREETING), RR_ANY, NULL,
-	  RETRY_SERVER, STATS_RETRY_GREETING, "bye-greeting" },
+	  RETRY_SERVER, STATS_RETRY_GREETING, "bye-greeting", false },
 	/* LOGIN refusals. */
 	{ W(UP_FAIL_LOGIN), RR_TEXT, "[AUTHENTICATIONFAILED]",
-	  RETRY_FINAL, STATS_RETRY_LOGIN_REFUSED, "authentication-failed" },
+	  RETRY_FINAL, STATS_RETRY_LOGIN_REFUSED, "authentication-failed",
+	  false },
 	/* "NO LOGIN failed.", ProxyNotAuthenticated, "[UNAVAILABLE]",
 	 * "NO Server Unavailable. 15", and "BAD User is authenticated but
 	 * not connected." (which may also end a post-LOGIN CAPABILITY, a
 	 * protocol failure). */
 	{ W(UP_FAIL_LOGIN) | W(UP_FAIL_PROTOCOL), RR_TRANSIENT, NULL,
-	  RETRY_LOGIN, STATS_RETRY_LOGIN_TRANSIENT, NULL },
+	  RETRY_LOGIN, STATS_RETRY_LOGIN_TRANSIENT, NULL, false },
 	{ W(UP_FAIL_LOGIN), RR_ANY, NULL,
-	  RETRY_FINAL, STATS_RETRY_LOGIN_REFUSED, "login-refused" },
+	  RETRY_FINAL, STATS_RETRY_LOGIN_REFUSED, "login-refused", false },
 	/* Unparseable replies, LOGINDISABLED, closed mid-login. */
 	{ W(UP_FAIL_PROTOCOL), RR_ANY, NULL,
-	  RETRY_SERVER, STATS_RETRY_PROTOCOL, "protocol" },
+	  RETRY_SERVER, STATS_RETRY_PROTOCOL, "protocol", false },
 	{ W_ANY, RR_ANY, NULL,
-	  RETRY_SERVER, STATS_RETRY_CONNECT, "upstream-failure" },
+	  RETRY_SERVER, STATS_RETRY_CONNECT, "upstream-failure", false },
 };
 
 /* Labels for the transient refusals, most specific first. */
@@ -190,6 +197,7 @@ retry_classify(const struct config *cfg, enum up_fail why, const char *text,
 	v->rv_class = r->rr_class;
 	v->rv_reason = r->rr_reason;
 	v->rv_label = r->rr_label;
+	v->rv_load = r->rr_load;
 	if (v->rv_label == NULL) {
 		v->rv_label = "login-transient";
 		for (i = 0; i < nitems(retry_transient_labels); i++)
@@ -260,6 +268,10 @@ struct retry_server {
 	uint64_t rs_until;		/* cooldown (or probe window) end */
 	bool rs_probing;
 	char rs_last[256];		/* last failure reason */
+	uint64_t rs_last_ok_ms;		/* last login it completed (0: none) */
+	unsigned rs_limit;		/* logins in flight (AIMD, R14) */
+	uint64_t rs_halved_ms;		/* when rs_limit last halved */
+	uint64_t rs_overloads;		/* for imapshim_upstream_overload_total */
 };
 
 /* Mailboxes refused since a success, by key hash (see mb_key_hash);
@@ -311,6 +323,8 @@ static struct {
 	uint64_t negcache_ttl_ms;
 	uint64_t backoff_initial_ms;
 	uint64_t backoff_max_ms;
+	unsigned max_in_flight;		/* max_logins_in_flight */
+	uint64_t overload_window_ms;	/* connect_timeout + login_timeout */
 
 	/* Exchange as a whole (the all-accounts slowdown): refusals since
 	 * the last successful login of any account, and of which mailboxes
@@ -349,6 +363,7 @@ retry_configure(const struct config *cfg)
 	struct retry_server *ns;
 	struct retry_admin *na;
 	char name[sizeof(ns->rs_name)];
+	unsigned old_max;
 	size_t i, j;
 
 	retry_init_once();
@@ -361,6 +376,10 @@ retry_configure(const struct config *cfg)
 	R.negcache_ttl_ms = cfg->negative_cache_ttl_ms;
 	R.backoff_initial_ms = cfg->backoff_initial_ms;
 	R.backoff_max_ms = cfg->backoff_max_ms;
+	old_max = R.max_in_flight;
+	R.max_in_flight = cfg->max_logins_in_flight > 0 ?
+	    cfg->max_logins_in_flight : 1;
+	R.overload_window_ms = cfg->connect_timeout_ms + cfg->login_timeout_ms;
 
 	ns = xcalloc(cfg->n_servers + 1, sizeof(*ns));
 	for (i = 0; i < cfg->n_servers; i++) {
@@ -371,6 +390,10 @@ retry_configure(const struct config *cfg)
 		if (j < R.n_servers)
 			ns[i] = R.servers[j];
 		snprintf(ns[i].rs_name, sizeof(ns[i].rs_name), "%s", name);
+		/* A new server starts at the setting, and so does every
+		 * server when a reload changes it. */
+		if (ns[i].rs_limit == 0 || R.max_in_flight != old_max)
+			ns[i].rs_limit = R.max_in_flight;
 	}
 	free(R.servers);
 	R.servers = ns;
@@ -513,6 +536,62 @@ retry_server_ok(size_t server)
 	s->rs_down = false;
 	s->rs_probing = false;
 	s->rs_fails = 0;
+}
+
+void
+retry_server_success(size_t server, uint64_t now_ms)
+{
+	struct retry_server *s;
+
+	if (server >= R.n_servers)
+		return;
+	retry_server_ok(server);
+	s = &R.servers[server];
+	s->rs_last_ok_ms = now_ms;
+	if (s->rs_limit < R.max_in_flight)
+		s->rs_limit++;
+}
+
+bool
+retry_server_overloaded(size_t server, const char *reason,
+    uint64_t started_ms, uint64_t now_ms)
+{
+	struct retry_server *s;
+
+	if (server >= R.n_servers)
+		return false;
+	s = &R.servers[server];
+	/* No recent success: nothing tells a busy server from a dead one,
+	 * so the failure counts as before (down after the threshold). */
+	if (s->rs_down || s->rs_last_ok_ms == 0 ||
+	    now_ms - s->rs_last_ok_ms > R.overload_window_ms)
+		return false;
+	s->rs_overloads++;
+	/* Logins started before the last halving saw the old bound: their
+	 * failures are the same congestion, already answered. */
+	if (started_ms >= s->rs_halved_ms && s->rs_limit > 1) {
+		s->rs_limit = s->rs_limit / 2;
+		s->rs_halved_ms = now_ms;
+	}
+	log_warn("server_overload", "server=%s limit=%u max=%u "
+	    "last_ok_ms_ago=%llu overloads=%llu reason=%s", s->rs_name,
+	    s->rs_limit, R.max_in_flight,
+	    (unsigned long long)(now_ms - s->rs_last_ok_ms),
+	    (unsigned long long)s->rs_overloads, log_v(reason));
+	return true;
+}
+
+unsigned
+retry_server_limit(size_t server)
+{
+	return server < R.n_servers ? R.servers[server].rs_limit :
+	    R.max_in_flight;
+}
+
+uint64_t
+retry_server_overloads(size_t server)
+{
+	return server < R.n_servers ? R.servers[server].rs_overloads : 0;
 }
 
 bool

@@ -33,6 +33,9 @@ struct retry_verdict {
 	enum retry_class rv_class;
 	enum stats_retry_reason rv_reason;	/* for metrics */
 	const char *rv_label;	/* short reason for logs: "proxy-not-authenticated" ... */
+	/* A sign of load (a timeout, Exchange's connection limit): overload
+	 * rather than a failure when the server works otherwise (R14). */
+	bool rv_load;
 };
 
 /*
@@ -77,6 +80,25 @@ bool retry_server_up(size_t server, uint64_t now_ms);
 /* Last failure reason ("" if none) and consecutive failures. */
 const char *retry_server_last_failure(size_t server);
 unsigned retry_server_failures(size_t server);
+/*
+ * Overload (DESIGN 3.3 P12, 3.5 R14).  Each server has a bound on the
+ * logins (connect, TLS handshake, login) in flight at once, between 1 and
+ * max_logins_in_flight: additive increase, multiplicative decrease.
+ * retry_server_success(): a login to it completed, or it answered one
+ * (up, as retry_server_ok, and +1 to the bound).  retry_server_overloaded():
+ * a failure with rv_load set; true when it is overload, i.e. the server
+ * completed a login less than connect_timeout + login_timeout before now:
+ * the bound halves (once per generation of logins: only for a login
+ * started after the last halving, as TCP halves once per round trip), it
+ * is counted and logged (server_overload), and it counts neither towards
+ * server_fail_threshold nor against the server.  false: the caller goes
+ * on with retry_server_failed().
+ */
+void retry_server_success(size_t server, uint64_t now_ms);
+bool retry_server_overloaded(size_t server, const char *reason,
+    uint64_t started_ms, uint64_t now_ms);
+unsigned retry_server_limit(size_t server);
+uint64_t retry_server_overloads(size_t server);
 /* Addition: true while a probe of this (down) server is under way. */
 bool retry_server_probing(size_t server, uint64_t now_ms);
 /* True when every server is down at now, none may be probed (each in its

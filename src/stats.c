@@ -106,6 +106,61 @@ stats_queue_timeout(void)
 	st.queue_timeouts++;
 }
 
+/* Poll sums of one minute; [0] the current one, [1] the one before. */
+static struct poll_minute {
+	uint64_t pm_start_ms;
+	uint64_t pm_polls, pm_lag_sum_ms, pm_lag_max_ms;
+	uint64_t pm_ivals, pm_ival_sum_ms;
+} poll_min[2];
+
+static void
+stats_poll_roll(uint64_t now_ms)
+{
+	if (now_ms - poll_min[0].pm_start_ms < 60000)
+		return;
+	/* The minute before is kept only if it was the last one. */
+	if (now_ms - poll_min[0].pm_start_ms < 120000)
+		poll_min[1] = poll_min[0];
+	else
+		memset(&poll_min[1], 0, sizeof(poll_min[1]));
+	memset(&poll_min[0], 0, sizeof(poll_min[0]));
+	poll_min[0].pm_start_ms = now_ms;
+}
+
+void
+stats_poll(uint64_t now_ms, uint64_t lag_ms, uint64_t interval_ms)
+{
+	struct poll_minute *m = &poll_min[0];
+
+	stats_hist_add(&st.poll_lag, lag_ms * 1000);
+	stats_poll_roll(now_ms);
+	m->pm_polls++;
+	m->pm_lag_sum_ms += lag_ms;
+	if (lag_ms > m->pm_lag_max_ms)
+		m->pm_lag_max_ms = lag_ms;
+	if (interval_ms > 0) {
+		m->pm_ivals++;
+		m->pm_ival_sum_ms += interval_ms;
+	}
+}
+
+void
+stats_poll_window(uint64_t now_ms, struct stats_poll_window *pw)
+{
+	const struct poll_minute *a = &poll_min[0], *b = &poll_min[1];
+	uint64_t ivals;
+
+	stats_poll_roll(now_ms);
+	pw->polls = a->pm_polls + b->pm_polls;
+	pw->lag_max_ms = a->pm_lag_max_ms > b->pm_lag_max_ms ?
+	    a->pm_lag_max_ms : b->pm_lag_max_ms;
+	pw->lag_avg_ms = pw->polls == 0 ? 0 :
+	    (a->pm_lag_sum_ms + b->pm_lag_sum_ms) / pw->polls;
+	ivals = a->pm_ivals + b->pm_ivals;
+	pw->interval_avg_ms = ivals == 0 ? 0 :
+	    (a->pm_ival_sum_ms + b->pm_ival_sum_ms) / ivals;
+}
+
 void
 stats_command(enum stats_command c, uint64_t us)
 {
@@ -137,6 +192,12 @@ stats_upstream_tls(int resumed)
 }
 
 void
+stats_client_tls(int resumed)
+{
+	st.client_tls_handshakes[resumed != 0]++;
+}
+
+void
 stats_started(int64_t unix_s)
 {
 	st.last_reload_ok = 1;
@@ -161,4 +222,5 @@ void
 stats_reset(void)
 {
 	memset(&st, 0, sizeof(st));
+	memset(poll_min, 0, sizeof(poll_min));
 }

@@ -85,9 +85,22 @@ void stats_login_failure(enum stats_attribution a, unsigned n);
 void stats_pool_reuse(void);
 void stats_queue_wait(uint64_t us);	/* a waiter was served after us */
 void stats_queue_timeout(void);
+/* A parked IDLE client's poll ran (got its session) lag_ms after it was
+ * due; interval_ms since that client's previous poll, 0 when there was
+ * none to compare with.  now_ms drives stats_poll_window()'s minute. */
+void stats_poll(uint64_t now_ms, uint64_t lag_ms, uint64_t interval_ms);
+/* The polls of the last minute (the current minute and the one before):
+ * /metrics' and /status' poll lag and achieved interval gauges. */
+struct stats_poll_window {
+	uint64_t polls;
+	uint64_t lag_max_ms, lag_avg_ms;
+	uint64_t interval_avg_ms;	/* 0: no poll repeated a poll */
+};
+void stats_poll_window(uint64_t now_ms, struct stats_poll_window *pw);
 void stats_command(enum stats_command c, uint64_t us);
 void stats_client_refused(void);	/* closed at accept */
 void stats_upstream_tls(int resumed);	/* an upstream TLS handshake completed */
+void stats_client_tls(int resumed);	/* a client's TLS handshake completed */
 
 /* imapshim_client_tls_failures_total{reason}: why a client's TLS handshake
  * failed (tls_client_failure() decides). */
@@ -133,12 +146,14 @@ struct stats_snapshot {
 	uint64_t queue_timeouts;
 	uint64_t clients_refused;
 	uint64_t tls_handshakes[2];	/* [0] full, [1] resumed */
+	uint64_t client_tls_handshakes[2];	/* the same, clients' */
 	uint64_t client_tls_failures[STATS_TLS_FAIL_COUNT];
 	uint64_t client_auth_failures[STATS_AUTH_FAIL_COUNT];
 	uint64_t reloads[STATS_RELOAD_COUNT];
 	int last_reload_ok;		/* 1 or 0 */
 	int64_t last_reload_unix_s;	/* last attempt, or the start */
 	struct stats_hist queue_wait;
+	struct stats_hist poll_lag;	/* imapshim_poll_lag_seconds */
 	struct stats_hist command[STATS_CMD_COUNT];
 };
 const struct stats_snapshot *stats_get(void);

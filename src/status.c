@@ -13,6 +13,9 @@
  *   {"version", "uptime_seconds", "mode", "paused",
  *    "budget": {"total", "used", "free"},
  *    "queue": {"length", "oldest_wait_seconds"},
+ *    "polls": {"waiting", "last_minute", "lag_max_seconds",
+ *              "lag_avg_seconds", "interval_seconds",
+ *              "interval_target_seconds"},
  *    "clients": {"unauthenticated", "attached", "parked", "waiting"},
  *    "admins": [{"name", "max_sessions", "sessions": {state: n, ...},
  *                "used", "free", "quarantined", "configured"}],
@@ -530,31 +533,81 @@ metrics_admins(struct evbuffer *out, const struct config *cfg, uint64_t now)
 	    retry_negcache_size());
 }
 
+/* One per-server gauge or counter: its value for server i at now. */
+struct server_metric {
+	const char *sm_name;
+	const char *sm_type;
+	const char *sm_help;
+	uint64_t (*sm_value)(size_t i, uint64_t now);
+};
+
+static uint64_t
+sv_up(size_t i, uint64_t now)
+{
+	return retry_server_up(i, now) ? 1 : 0;
+}
+
+static uint64_t
+sv_failures(size_t i, uint64_t now)
+{
+	(void)now;
+	return retry_server_failures(i);
+}
+
+static uint64_t
+sv_overloads(size_t i, uint64_t now)
+{
+	(void)now;
+	return retry_server_overloads(i);
+}
+
+static uint64_t
+sv_limit(size_t i, uint64_t now)
+{
+	(void)now;
+	return retry_server_limit(i);
+}
+
+static uint64_t
+sv_draining(size_t i, uint64_t now)
+{
+	(void)now;
+	return pool_server_draining(i) ? 1 : 0;
+}
+
+static const struct server_metric server_metrics[] = {
+	{ "imapshim_server_up", "gauge",
+	  "1 when an upstream server is usable, 0 while it is marked down.",
+	  sv_up },
+	{ "imapshim_server_consecutive_failures", "gauge",
+	  "Failures in a row of an upstream server.", sv_failures },
+	{ "imapshim_upstream_overload_total", "counter",
+	  "Upstream logins that timed out (or met the connection limit) "
+	  "while the server worked otherwise: overload, not down.",
+	  sv_overloads },
+	{ "imapshim_upstream_logins_in_flight_limit", "gauge",
+	  "Current bound on connects, TLS handshakes and logins in flight "
+	  "to a server (max_logins_in_flight, halved on overload).", sv_limit },
+	{ "imapshim_server_draining", "gauge",
+	  "1 while an operator drains an upstream server (imapshim-ctl "
+	  "drain server): no new logins there.", sv_draining },
+};
+
 static void
 metrics_servers(struct evbuffer *out, const struct config *cfg, uint64_t now)
 {
+	const struct server_metric *m;
 	char srv[300];
 	size_t i;
 
-	prom_family(out, "imapshim_server_up", "gauge",
-	    "1 when an upstream server is usable, 0 while it is marked down.");
-	for (i = 0; cfg != NULL && i < cfg->n_servers; i++)
-		prom_u64(out, "imapshim_server_up", "server",
-		    addr_endpoint_str(&cfg->servers[i], srv, sizeof(srv)),
-		    retry_server_up(i, now) ? 1 : 0);
-	prom_family(out, "imapshim_server_consecutive_failures", "gauge",
-	    "Failures in a row of an upstream server.");
-	for (i = 0; cfg != NULL && i < cfg->n_servers; i++)
-		prom_u64(out, "imapshim_server_consecutive_failures", "server",
-		    addr_endpoint_str(&cfg->servers[i], srv, sizeof(srv)),
-		    retry_server_failures(i));
-	prom_family(out, "imapshim_server_draining", "gauge",
-	    "1 while an operator drains an upstream server (imapshim-ctl "
-	    "drain server): no new logins there.");
-	for (i = 0; cfg != NULL && i < cfg->n_servers; i++)
-		prom_u64(out, "imapshim_server_draining", "server",
-		    addr_endpoint_str(&cfg->servers[i], srv, sizeof(srv)),
-		    pool_server_draining(i) ? 1 : 0);
+	for (m = server_metrics; m < server_metrics + nitems(server_metrics);
+	    m++) {
+		prom_family(out, m->sm_name, m->sm_type, m->sm_help);
+		for (i = 0; cfg != NULL && i < cfg->n_servers; i++)
+			prom_u64(out, m->sm_name, "server",
+			    addr_endpoint_str(&cfg->servers[i], srv,
+			    sizeof(srv)), m->sm_value(i, now));
+	}
 	prom_family(out, "imapshim_paused", "gauge",
 	    "1 while an operator has paused new upstream logins "
 	    "(imapshim-ctl pause).");
@@ -573,6 +626,13 @@ metrics_tls_auth(struct evbuffer *out, const struct config *cfg,
 	int64_t na;
 	size_t i;
 
+	prom_family(out, "imapshim_client_tls_handshakes_total", "counter",
+	    "Completed client TLS handshakes, full or resumed (session ticket "
+	    "or session ID).");
+	prom_u64(out, "imapshim_client_tls_handshakes_total", "resumed", "no",
+	    s->client_tls_handshakes[0]);
+	prom_u64(out, "imapshim_client_tls_handshakes_total", "resumed", "yes",
+	    s->client_tls_handshakes[1]);
 	prom_family(out, "imapshim_client_tls_failures_total", "counter",
 	    "Client TLS handshakes that failed, by reason.");
 	for (i = 0; i < STATS_TLS_FAIL_COUNT; i++)
@@ -684,6 +744,38 @@ metrics_reload(struct evbuffer *out, const struct stats_snapshot *s)
 		    stats_reload_result_names[i], s->reloads[i]);
 }
 
+/* Parked IDLE clients' polls (DESIGN 3.4 M10): the polls waiting, how
+ * late they ran, and the interval achieved. */
+static void
+metrics_polls(struct evbuffer *out, const struct stats_snapshot *s,
+    const struct pool_stats *ps, uint64_t now)
+{
+	struct stats_poll_window pw;
+	char num[32];
+
+	stats_poll_window(now, &pw);
+	prom_family(out, "imapshim_poll_queue_length", "gauge",
+	    "IDLE polls waiting for an upstream session (after every client).");
+	prom_u64(out, "imapshim_poll_queue_length", NULL, NULL,
+	    ps->poll_waiters);
+	prom_family(out, "imapshim_poll_lag_seconds", "histogram",
+	    "How late a parked IDLE client's poll got its session.");
+	prom_hist(out, "imapshim_poll_lag_seconds", NULL, NULL, &s->poll_lag);
+	prom_family(out, "imapshim_poll_lag_max_seconds", "gauge",
+	    "Largest poll lag over the last minute or two.");
+	prom_sample(out, "imapshim_poll_lag_max_seconds", NULL, NULL, 0,
+	    fmt_fixed(num, sizeof(num), pw.lag_max_ms, 3));
+	prom_family(out, "imapshim_poll_lag_avg_seconds", "gauge",
+	    "Average poll lag over the last minute or two.");
+	prom_sample(out, "imapshim_poll_lag_avg_seconds", NULL, NULL, 0,
+	    fmt_fixed(num, sizeof(num), pw.lag_avg_ms, 3));
+	prom_family(out, "imapshim_poll_interval_seconds", "gauge",
+	    "Achieved time between a client's polls, averaged over the last "
+	    "minute or two (0: none repeated).");
+	prom_sample(out, "imapshim_poll_interval_seconds", NULL, NULL, 0,
+	    fmt_fixed(num, sizeof(num), pw.interval_avg_ms, 3));
+}
+
 static int
 status_metrics(struct evbuffer *out)
 {
@@ -725,6 +817,7 @@ status_metrics(struct evbuffer *out)
 	    "How long the oldest waiter has waited (0 when none).");
 	prom_sample(out, "imapshim_queue_oldest_wait_seconds", NULL, NULL, 0,
 	    fmt_fixed(num, sizeof(num), ps.oldest_wait_ms, 3));
+	metrics_polls(out, s, &ps, now);
 	metrics_counters(out, s);
 	metrics_reload(out, s);
 	agg_free(&agg);
@@ -864,6 +957,7 @@ status_json(struct evbuffer *out)
 {
 	const struct config *cfg = st_cfg;
 	unsigned counts[CLIENT_KIND_COUNT], budget;
+	struct stats_poll_window pw;
 	struct pool_stats ps;
 	struct st_agg agg;
 	uint64_t now = util_now_ms();
@@ -892,6 +986,18 @@ status_json(struct evbuffer *out)
 	evbuffer_add_printf(out, ",\"queue\":{\"length\":%u,"
 	    "\"oldest_wait_seconds\":%s}", ps.waiters,
 	    fmt_fixed(num, sizeof(num), ps.oldest_wait_ms, 3));
+	stats_poll_window(now, &pw);
+	evbuffer_add_printf(out, ",\"polls\":{\"waiting\":%u,"
+	    "\"last_minute\":%llu,\"lag_max_seconds\":%s,", ps.poll_waiters,
+	    (unsigned long long)pw.polls,
+	    fmt_fixed(num, sizeof(num), pw.lag_max_ms, 3));
+	evbuffer_add_printf(out, "\"lag_avg_seconds\":%s,",
+	    fmt_fixed(num, sizeof(num), pw.lag_avg_ms, 3));
+	evbuffer_add_printf(out, "\"interval_seconds\":%s,",
+	    fmt_fixed(num, sizeof(num), pw.interval_avg_ms, 3));
+	evbuffer_add_printf(out, "\"interval_target_seconds\":%s}",
+	    fmt_fixed(num, sizeof(num), cfg != NULL ?
+	    cfg->idle_poll_interval_ms : 0, 3));
 	evbuffer_add_printf(out, ",\"clients\":{");
 	for (i = 0; i < CLIENT_KIND_COUNT; i++) {
 		evbuffer_add_printf(out, "%s", i > 0 ? "," : "");

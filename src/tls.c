@@ -1,7 +1,9 @@
 /* tls.c - SSL_CTXs for both sides, verification and failure reasons. */
 #include "tls.h"
 
+#include <openssl/core_names.h>
 #include <openssl/err.h>
+#include <openssl/rand.h>
 #include <openssl/x509v3.h>
 #include <stdio.h>
 #include <string.h>
@@ -107,6 +109,95 @@ tls_resume_flush(void)
 		tls_resume[i].sess = NULL;
 	}
 	tls_nresume = 0;
+}
+
+/*
+ * Client-side resumption: session tickets sealed with imapshim's own key
+ * ring instead of the keys OpenSSL makes for each SSL_CTX.  OpenSSL 3
+ * never rotates those, so one key would seal every ticket for the life of
+ * the process (whoever reads it later can decrypt every recorded session),
+ * and every reload's new SSL_CTX would make all the clients' tickets
+ * useless at once.  The ring is the process's: the newest key seals, the
+ * one before still opens (and such a ticket is renewed), and a new key
+ * comes every TLS_TICKET_ROTATE_S, checked as tickets are made and by
+ * main's trim timer (so an unused key is erased on time too).  A ticket
+ * lives as long as a key seals (SSL_CTX_set_timeout), so it can always be
+ * opened while it is valid, and no key is kept much longer than two
+ * periods.
+ */
+#define TLS_TICKET_KEYS 2
+
+struct tls_ticket_key {
+	unsigned char name[16];
+	unsigned char aes[32];		/* AES-256-CBC */
+	unsigned char hmac[32];		/* HMAC-SHA256 */
+	int64_t born;			/* Unix seconds; 0: no key */
+};
+
+static struct tls_ticket_key tls_tkeys[TLS_TICKET_KEYS];	/* [0] seals */
+
+bool
+tls_ticket_rotate(int64_t now)
+{
+	struct tls_ticket_key k;
+
+	if (tls_tkeys[0].born != 0 && now - tls_tkeys[0].born < TLS_TICKET_ROTATE_S)
+		return false;
+	if (RAND_bytes(k.name, sizeof(k.name)) != 1 ||
+	    RAND_bytes(k.aes, sizeof(k.aes)) != 1 ||
+	    RAND_bytes(k.hmac, sizeof(k.hmac)) != 1) {
+		/* The old key keeps sealing: better than no resumption. */
+		log_error("tls_ticket_key", "reason=%s",
+		    log_v("no random bytes for a new ticket key"));
+		ERR_clear_error();
+		OPENSSL_cleanse(&k, sizeof(k));
+		return false;
+	}
+	k.born = now > 0 ? now : 1;
+	OPENSSL_cleanse(&tls_tkeys[TLS_TICKET_KEYS - 1], sizeof(tls_tkeys[0]));
+	memmove(&tls_tkeys[1], &tls_tkeys[0],
+	    (TLS_TICKET_KEYS - 1) * sizeof(tls_tkeys[0]));
+	tls_tkeys[0] = k;
+	OPENSSL_cleanse(&k, sizeof(k));
+	return true;
+}
+
+/* OpenSSL's ticket callback: seal (enc) with the newest key, open with the
+ * key the ticket names.  Returns 1, 2 (opened with an older key: issue a
+ * new ticket), 0 (no ticket / full handshake) or -1. */
+static int
+tls_ticket_cb(SSL *ssl, unsigned char key_name[16], unsigned char *iv,
+    EVP_CIPHER_CTX *ectx, EVP_MAC_CTX *hctx, int enc)
+{
+	const struct tls_ticket_key *k = NULL;
+	OSSL_PARAM params[3];
+	size_t i;
+
+	(void)ssl;
+	if (enc) {
+		(void)tls_ticket_rotate((int64_t)time(NULL));
+		k = &tls_tkeys[0];
+		if (k->born == 0 || RAND_bytes(iv, 16) != 1)
+			return 0;
+		memcpy(key_name, k->name, sizeof(k->name));
+	} else {
+		for (i = 0; i < TLS_TICKET_KEYS && k == NULL; i++)
+			if (tls_tkeys[i].born != 0 &&
+			    memcmp(key_name, tls_tkeys[i].name, 16) == 0)
+				k = &tls_tkeys[i];
+		if (k == NULL)
+			return 0;	/* rotated out: a full handshake */
+	}
+	params[0] = OSSL_PARAM_construct_octet_string(OSSL_MAC_PARAM_KEY,
+	    (void *)k->hmac, sizeof(k->hmac));
+	params[1] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST,
+	    (char *)"SHA256", 0);
+	params[2] = OSSL_PARAM_construct_end();
+	if (EVP_MAC_CTX_set_params(hctx, params) != 1 ||
+	    EVP_CipherInit_ex(ectx, EVP_aes_256_cbc(), NULL, k->aes, iv,
+	    enc) != 1)
+		return -1;
+	return enc || k == &tls_tkeys[0] ? 1 : 2;
 }
 
 static void
@@ -270,8 +361,19 @@ tls_server_ctx_new(const char *cert_file, const char *key_file,
 	tls_ctx_common(ctx);
 	SSL_CTX_set_min_proto_version(ctx, min_version);
 	SSL_CTX_set_cipher_list(ctx, TLS_CIPHERS);
+	/* Resumption (TLS 1.2 and 1.3): tickets from the key ring, which
+	 * cost imapshim no memory per client; the session cache serves TLS
+	 * 1.2 clients that resume by session ID only, one entry per client
+	 * at most (max_clients' default). */
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
 	SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"imapshim", 8);
+	SSL_CTX_sess_set_cache_size(ctx, TLS_SESSION_CACHE_MAX);
+	SSL_CTX_set_timeout(ctx, TLS_TICKET_ROTATE_S);
+	/* A client reconnects one connection at a time: one TLS 1.3 ticket
+	 * (OpenSSL sends 2) saves a sealing and a record per handshake. */
+	SSL_CTX_set_num_tickets(ctx, 1);
+	(void)tls_ticket_rotate((int64_t)time(NULL));
+	SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, tls_ticket_cb);
 	/* For tls_client_failure(): what the client sent and offered. */
 	SSL_CTX_set_msg_callback(ctx, tls_msg_cb);
 	SSL_CTX_set_client_hello_cb(ctx, tls_client_hello_cb, NULL);
@@ -721,4 +823,5 @@ void
 tls_shutdown(void)
 {
 	tls_resume_flush();
+	OPENSSL_cleanse(tls_tkeys, sizeof(tls_tkeys));
 }

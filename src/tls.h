@@ -6,7 +6,8 @@
  * client of Exchange) verifies the CAS certificate, sends SNI, checks the
  * host name, offers TLS 1.2+ with ECDHE key exchange only (no finite-field
  * DHE: Schannel's leading-zero bug, KB4557473) and caches sessions for
- * resumption.  Turns a failed handshake into one plain-language reason
+ * resumption; clients resume with session tickets sealed by a rotating
+ * key ring that outlives reloads.  Turns a failed handshake into one plain-language reason
  * (and a client's into a counted class).  Keeps the expiry of the
  * certificates in use: the client-facing one (side "client") and each
  * upstream server's as last seen in a handshake (side "upstream"), with a
@@ -54,6 +55,19 @@ void tls_release_buffers(SSL *ssl);
 
 /* A new SSL for one accepted client connection. */
 SSL *tls_server_ssl_new(SSL_CTX *ctx);
+
+/* Clients' session tickets: a new key seals them every
+ * TLS_TICKET_ROTATE_S, the one before still opens them, an older one is
+ * forgotten (its tickets get a full handshake).  Also their lifetime. */
+#define TLS_TICKET_ROTATE_S (6 * 3600)
+/* Clients' TLS 1.2 sessions kept for resumption by session ID. */
+#define TLS_SESSION_CACHE_MAX 20000
+
+/* Start a new ticket key if the newest is TLS_TICKET_ROTATE_S old at now
+ * (Unix seconds), or there is none; true when it did.  Called with
+ * time(NULL) as tickets are made and by a periodic timer; tests pass a
+ * later now to rotate. */
+bool tls_ticket_rotate(int64_t now);
 
 /*
  * Why the handshake or session on ssl failed: the certificate verification

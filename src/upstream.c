@@ -330,6 +330,7 @@ upstream_pause(struct upstream *u, bool pause)
 		if (evbuffer_get_length(bufferevent_get_input(u->up_bev)) > 0)
 			bufferevent_trigger(u->up_bev, EV_READ,
 			    BEV_TRIG_DEFER_CALLBACKS);
+		relay_read_pending(u->up_bev);
 	}
 }
 
@@ -472,6 +473,7 @@ up_start_tls(struct upstream *u)
 	bufferevent_setfd(plain, -1);
 	bufferevent_free(plain);
 	bufferevent_openssl_set_allow_dirty_shutdown(tls_bev, 1);
+	relay_read_ahead(tls_bev);
 	u->up_bev = tls_bev;
 	bufferevent_setcb(tls_bev, up_read_cb, up_write_cb, up_event_cb, u);
 	bufferevent_setwatermark(tls_bev, EV_WRITE, RELAY_LOWAT, 0);
@@ -654,6 +656,7 @@ up_read_cb(struct bufferevent *bev, void *arg)
 	struct imap_frame fr;
 	const char *line;
 
+	relay_read_pending(bev);	/* runs after this callback */
 	while (!u->up_fail_pending && !u->up_paused &&
 	    relay_frame_next(&u->up_framer, in, &fr, &line)) {
 		if (fr.kind == IMAP_FR_OVERFLOW ||
@@ -734,6 +737,7 @@ up_event_cb(struct bufferevent *bev, short what, void *arg)
 			}
 		} else if (u->up_state == UP_S_HANDSHAKE) {
 			stats_upstream_tls(tls_handshake_done(u->up_ssl));
+			relay_read_pending(bev);
 			tls_cert_seen(u->up_ssl, u->up_server, (int64_t)time(NULL));
 			if (!u->up_starttls_done)
 				up_arm_timer(u, u->up_login_timeout_ms);
@@ -855,6 +859,7 @@ up_close(struct upstream *u, const char *reason, bool logout)
 		 * instead of at its idle timeout. */
 		up_send(u, "LOGOUT");
 		bufferevent_enable(u->up_bev, EV_READ);
+		relay_read_pending(u->up_bev);
 		u->up_paused = false;
 		up_set_state(u, UP_S_CLOSING);
 		up_arm_timer(u, UP_LOGOUT_WAIT_MS);

@@ -15,6 +15,7 @@ size_t __sanitizer_get_current_allocated_bytes(void);
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "log.h"
 
@@ -93,13 +94,63 @@ util_heap_in_use(void)
 }
 
 void
-util_heap_trim(size_t min_free)
+util_heap_setup(void)
 {
 #ifdef __GLIBC__
-	if (mallinfo2().fordblks > min_free)
-		(void)malloc_trim(0);
+	/* Fixed thresholds turn off glibc's sliding ones: after one large
+	 * buffer (a literal, a replay copy) is freed, glibc would serve every
+	 * later buffer up to that size from the heap and keep up to twice it
+	 * free at the heap's top; RSS would then follow the biggest burst
+	 * seen, not what the clients hold.  Buffers over 256 KiB stay
+	 * mmap()ed (given back on free; smaller ones, such as a 60 KB
+	 * message's, cost no system call); a free heap top over 512 KiB is
+	 * returned at once.  One arena: imapshim allocates from one thread. */
+	(void)mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+	(void)mallopt(M_TRIM_THRESHOLD, 512 * 1024);
+	(void)mallopt(M_ARENA_MAX, 1);
+#endif
+}
+
+#ifdef __GLIBC__
+/* Resident bytes of the process (/proc/self/statm), 0 if unknown. */
+static size_t
+util_rss(void)
+{
+	unsigned long size, resident;
+	FILE *f = fopen("/proc/self/statm", "r");
+	int n;
+
+	if (f == NULL)
+		return 0;
+	n = fscanf(f, "%lu %lu", &size, &resident);
+	fclose(f);
+	return n == 2 ? (size_t)resident * (size_t)sysconf(_SC_PAGESIZE) : 0;
+}
+#endif
+
+void
+util_heap_trim(size_t min_slack)
+{
+#ifdef __GLIBC__
+	/* Resident memory the heap does not use: after a trim, what could
+	 * not be given back (code, libraries, partly used pages). */
+	static size_t trim_floor;
+	size_t rss = util_rss(), used = mallinfo2().uordblks;
+	size_t slack = rss > used ? rss - used : 0;
+
+	/* Freed memory stays on malloc's free lists after malloc_trim()
+	 * (only its pages go back), so "free bytes" cannot say whether a
+	 * trim is due; pages that became resident again can. */
+	if (rss == 0 || slack < trim_floor + min_slack) {
+		if (slack < trim_floor)
+			trim_floor = slack;
+		return;
+	}
+	(void)malloc_trim(0);
+	rss = util_rss();
+	trim_floor = rss > used ? rss - used : 0;
 #else
-	(void)min_free;
+	(void)min_slack;
 #endif
 }
 

@@ -39,9 +39,13 @@ uint64_t util_allocations(enum util_alloc_by by);
 /* Bytes of heap in use (glibc's mallinfo2; 0 elsewhere). */
 size_t util_heap_in_use(void);
 
-/* Return free heap pages to the system once more than min_free bytes lie
- * free: after a burst of TLS handshakes, so that RSS follows live memory. */
-void util_heap_trim(size_t min_free);
+/* malloc settings for a long-lived, single-threaded server (call first). */
+void util_heap_setup(void);
+
+/* Return free heap pages to the system once resident memory exceeds the
+ * heap in use by min_slack bytes more than after the last trim: after a
+ * burst of TLS handshakes, so that RSS follows live memory. */
+void util_heap_trim(size_t min_slack);
 
 /* Milliseconds and microseconds of CLOCK_MONOTONIC. */
 uint64_t util_now_ms(void);

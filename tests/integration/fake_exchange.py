@@ -28,8 +28,10 @@ literals inline, with its time), each LOGIN attempt (login_log:
 LoginRecord(t, conn_id, user, admin, mailbox, ok, reply, reason)), the
 highest number of concurrent connections in total and per admin account,
 counting a connection from TCP accept until its socket closes
-(max_concurrent(), max_concurrent_by_admin()), and logged-in sessions
-(max_sessions, max_by_admin).
+(max_concurrent(), max_concurrent_by_admin()), connections in progress
+(from TCP accept until their first LOGIN is answered or they close:
+max_in_progress(), what a bound on connects + handshakes + logins in flight
+limits), and logged-in sessions (max_sessions, max_by_admin).
 
 Fault injection goes through `script`, a dict of optional hooks; each may be
 changed while the server runs:
@@ -127,6 +129,20 @@ class Mailbox:
         return m
 
 
+def _max_overlap(spans):
+    """Most (start, end) spans open at once; end None: still open."""
+    ev = []
+    for a, b in spans:
+        ev.append((a, 1))
+        ev.append((float("inf") if b is None else b, -1))
+    ev.sort()          # at equal times, -1 sorts before +1
+    cur = best = 0
+    for _, d in ev:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
 class Conn:
     """The record of one accepted connection (and its live socket)."""
 
@@ -146,6 +162,7 @@ class Conn:
         self.replies = []        # bytes sent
         self.admin = None        # after a successful login
         self.login_admin = None  # the admin account its first LOGIN named
+        self.login_answered = None  # when its first LOGIN was answered
         self.mailbox = None
         self.selected = None
         self.read_only = False
@@ -609,16 +626,16 @@ class FakeExchange:
             conns = [c for c in self.connections
                      if admin is None or (c.login_admin or "").lower() == admin.lower()]
             spans = [(c.opened, c.end) for c in conns]
-        ev = []
-        for a, b in spans:
-            ev.append((a, 1))
-            ev.append((float("inf") if b is None else b, -1))
-        ev.sort()          # at equal times, -1 sorts before +1
-        cur = best = 0
-        for _, d in ev:
-            cur += d
-            best = max(best, cur)
-        return best
+        return _max_overlap(spans)
+
+    def max_in_progress(self):
+        """Most connections at once between TCP accept and the answer to
+        their first LOGIN (or their end): connects, TLS handshakes and
+        logins in flight together."""
+        with self.lock:
+            spans = [(c.opened, c.login_answered if c.login_answered is not None
+                      else c.end) for c in self.connections]
+        return _max_overlap(spans)
 
     def max_concurrent_by_admin(self):
         with self.lock:
@@ -1014,6 +1031,8 @@ class FakeExchange:
 
         def record(reply, ok, reason):
             with self.lock:
+                if conn.login_answered is None:
+                    conn.login_answered = time.monotonic()
                 conn.logins.append((t_arrived, user_s, pw_s, reply))
                 self.login_log.append(LoginRecord(t_arrived, conn.id, user_s, named_admin,
                                                   mailbox, ok, reply, reason))

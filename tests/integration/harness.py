@@ -374,12 +374,12 @@ class Response:
 class ImapClient:
     """
     Raw-socket IMAP client.  tls: an ssl.SSLContext for implicit TLS, or None
-    for cleartext (use starttls()).  All reads honour `timeout` seconds.
-    Everything received is also appended to self.transcript.
+    for cleartext (use starttls()); tls_session: an ssl.SSLSession to resume.
+    All reads honour `timeout` seconds.  Everything received is also appended to self.transcript.
     """
 
     def __init__(self, port, host=HOST, tls=None, server_hostname="localhost",
-                 timeout=DEFAULT_TIMEOUT, read_greeting=True):
+                 timeout=DEFAULT_TIMEOUT, read_greeting=True, tls_session=None):
         self.host, self.port = host, port
         self.timeout = timeout
         self.server_hostname = server_hostname
@@ -389,7 +389,8 @@ class ImapClient:
         self._tagn = 0
         self.sock = socket.create_connection((host, port), timeout=timeout)
         if tls is not None:
-            self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname)
+            self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname,
+                                        session=tls_session)
         self.greeting = self.read_line() if read_greeting else None
 
     # --- low level
@@ -702,7 +703,7 @@ service imap-login {{
 {login_user_line}}}
 service imap {{
   process_limit = {process_limit}
-}}
+{imap_extra}}}
 service anvil {{
   chroot =
 }}
@@ -728,11 +729,16 @@ class Dovecot:
     users: "user1*NPUMAdmin1" with NPUMAdmin1's password logs in as user1.
     """
 
-    def __init__(self, directory, pki, admins, max_sessions=100):
+    def __init__(self, directory, pki, admins, max_sessions=100, sessions_per_process=1):
         self.dir = directory
         self.pki = pki
         self.admins = dict(admins)
         self.max_sessions = max_sessions    # imap processes (one a session)
+        # > 1: each imap process serves that many sessions (every mailbox has
+        # the same uid here), so thousands of logins do not each fork one
+        # (the storm benchmark; Dovecot forks about 10 a second on a busy
+        # 2-core machine)
+        self.sessions_per_process = sessions_per_process
         self.proc = None
         self.binary = which("dovecot")
         if not self.binary:
@@ -782,6 +788,8 @@ class Dovecot:
             master_passwd=self.master_passwd, nobody_pw=secrets.token_hex(24),
             port_imap=self.port_imap, port_imaps=self.port_imaps,
             process_limit=self.max_sessions + 10,
+            imap_extra="" if self.sessions_per_process <= 1 else
+            "  service_count = 0\n  client_limit = %d\n" % self.sessions_per_process,
             client_limit=max(1000, self.max_sessions + 100))
         write_file(self.conf_path, conf, 0o644)
         os.makedirs(os.path.join(d, "state"), exist_ok=True)

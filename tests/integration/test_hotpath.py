@@ -11,7 +11,13 @@ measured by `make bench`).
   buffers      sessions quiet for a few seconds give their TLS record
                buffers back (imapshim_heap_in_use_bytes falls by tens of
                KiB per session).
+  read-ahead   TLS records that arrive together are all answered: OpenSSL
+               reads them in one read(), libevent's loop would stop after
+               the first.
 """
+
+import socket
+import ssl
 
 import pytest
 
@@ -115,3 +121,73 @@ def test_quiet_sessions_release_tls_buffers(hot_shim):
     finally:
         for c in clients:
             c.close()
+
+
+class RecordClient:
+    """A TLS client over a memory BIO, so that several TLS records can go
+    out in one send() (one TCP segment on loopback)."""
+
+    def __init__(self, shim):
+        self.sock = socket.create_connection((harness.HOST, shim.port), timeout=10)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = shim.pki.client_context().wrap_bio(self.inc, self.out,
+                                                      server_hostname="localhost")
+        self.text = b""
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+        self._flush()
+
+    def _flush(self):
+        data = self.out.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _fill(self):
+        data = self.sock.recv(65536)
+        assert data, "imapshim closed the connection"
+        self.inc.write(data)
+
+    def send_records(self, *lines):
+        """Each line its own record, all in one send()."""
+        for line in lines:
+            self.tls.write(line)
+        self._flush()
+
+    def wait_for(self, needle):
+        """Read until needle has arrived; the socket's 10 s timeout fails
+        the test if it never does."""
+        while needle not in self.text:
+            try:
+                self.text += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._fill()
+        return self.text
+
+    def close(self):
+        self.sock.close()
+
+
+def test_records_read_ahead_are_answered(hot_shim):
+    """Two commands in two TLS records that arrive in one segment, before
+    and after LOGIN: OpenSSL reads both records with one read(), and both
+    are answered (libevent alone would leave the second one waiting for
+    more bytes from the client)."""
+    c = RecordClient(hot_shim)
+    try:
+        c.wait_for(b"* OK")
+        c.send_records(b"p1 CAPABILITY\r\n", b"p2 NOOP\r\n")
+        assert b"p1 OK" in c.wait_for(b"p2 OK")
+        c.send_records(b'L LOGIN "%s" "%s"\r\n' % (
+            hot_shim.login_name("hot-ahead").encode(),
+            hot_shim.admins[ADMIN].encode()))
+        c.wait_for(b"L OK")
+        c.send_records(b"s1 SELECT INBOX\r\n", b"s2 NOOP\r\n", b"s3 NOOP\r\n")
+        text = c.wait_for(b"s3 OK")
+        assert b"s1 OK" in text and b"s2 OK" in text
+    finally:
+        c.close()

@@ -408,6 +408,27 @@ test_msgid_case_and_space(void **state)
 	assert_string_equal(out, "\"<lf@x>\"");
 }
 
+/* cl_poll_due (DESIGN 3.4 M10): clients parked together poll at offsets
+ * spread over [0, interval) by r; after a poll the next is one interval
+ * after it ran; a poll that ran late moves the next one back instead of
+ * bunching it up. */
+static void
+test_poll_due(void **state)
+{
+	(void)state;
+	/* First park: now + r, whatever r in [0, interval). */
+	assert_int_equal(cl_poll_due(100000, 0, 30000, 0), 100000);
+	assert_int_equal(cl_poll_due(100000, 0, 30000, 29999), 129999);
+	/* Parked again soon after a poll: one interval after it ran. */
+	assert_int_equal(cl_poll_due(100500, 100000, 30000, 7), 130000);
+	/* A poll that ran late (due 130000, ran 145000): from when it ran. */
+	assert_int_equal(cl_poll_due(145100, 145000, 30000, 7), 175000);
+	/* Its last poll is more than an interval ago (it idled attached
+	 * meanwhile, its view is fresh): spread again. */
+	assert_int_equal(cl_poll_due(200000, 100000, 30000, 12345), 212345);
+	assert_int_equal(cl_poll_due(130000, 100000, 30000, 5), 130005);
+}
+
 static void
 test_msgid_not_found(void **state)
 {
@@ -979,6 +1000,7 @@ main(void)
 		cmocka_unit_test(test_msgid_found),
 		cmocka_unit_test(test_msgid_case_and_space),
 		cmocka_unit_test(test_msgid_not_found),
+		cmocka_unit_test(test_poll_due),
 		cmocka_unit_test(test_msgid_refused),
 		cmocka_unit_test(test_msgid_bad_buffer),
 		cmocka_unit_test(test_rerun_kinds),

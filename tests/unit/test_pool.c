@@ -318,16 +318,23 @@ c_failed(struct pool_waiter *w, enum pool_fail why, const char *reason)
 }
 
 static void
-acq(struct tclient *c, const char *mb)
+acq_as(struct tclient *c, const char *mb, bool poll)
 {
 	memset(c, 0, sizeof(*c));
 	snprintf(c->w.pw_mailbox, sizeof(c->w.pw_mailbox), "%s", mb);
 	c->w.pw_granted = c_granted;
 	c->w.pw_failed = c_failed;
 	c->w.pw_arg = c;
+	c->w.pw_poll = poll;
 	in_api = true;
 	pool_acquire(&c->w);
 	in_api = false;
+}
+
+static void
+acq(struct tclient *c, const char *mb)
+{
+	acq_as(c, mb, false);
 }
 
 static void
@@ -402,6 +409,7 @@ setup(void **state)
 	C.reuse_timeout_ms = 300000;
 	C.login_rate = 1000;
 	C.login_burst = 1000;
+	C.max_logins_in_flight = 1000;
 	C.transient_login_patterns = patterns;
 	C.n_transient_login_patterns = nitems(patterns);
 	/* [retry] defaults (DESIGN.md 3.7) */
@@ -722,6 +730,49 @@ test_fifo_new_logins_strict(void **state)
 	advance(1000);
 	assert_int_equal(nf, 3);
 	assert_string_equal(F[2].mailbox, "b");
+}
+
+/* An IDLE poll waiter yields to a command waiter that came later, waits
+ * past queue_timeout without failing, and is served once the budget
+ * frees up (DESIGN 3.3 P3, 3.4 M10). */
+static void
+test_poll_yields_to_command(void **state)
+{
+	static struct tclient a, p, b;
+	struct pool_stats st;
+
+	(void)state;
+	C.session_budget = 1;
+	acq(&a, "a");
+	run();
+	fready(0);
+	assert_int_equal(a.granted, 1);
+	acq_as(&p, "p", true);
+	run();
+	advance(10);
+	acq(&b, "b");
+	run();
+	pool_get_stats(&st);
+	assert_int_equal(st.waiters, 1);
+	assert_int_equal(st.poll_waiters, 1);
+	rel(&a, POOL_RELEASE_DIRTY);
+	ffree(0);
+	assert_int_equal(nf, 2);
+	assert_string_equal(F[1].mailbox, "b");	/* the command first */
+	fready(1);
+	assert_int_equal(b.granted, 1);
+	advance(C.queue_timeout_ms * 2);
+	assert_int_equal(p.failed, 0);		/* no queue_timeout for polls */
+	assert_int_equal(b.failed, 0);
+	rel(&b, POOL_RELEASE_DIRTY);
+	ffree(1);
+	assert_int_equal(nf, 3);
+	assert_string_equal(F[2].mailbox, "p");
+	fready(2);
+	assert_int_equal(p.granted, 1);
+	pool_get_stats(&st);
+	assert_int_equal(st.poll_waiters, 0);
+	check_budget();
 }
 
 static void
@@ -1552,6 +1603,61 @@ test_server_failover(void **state)
 	assert_int_equal(ss->retries[STATS_RETRY_GREETING], 1);
 }
 
+/* DESIGN 3.3 P12, 3.5 R14: at most max_logins_in_flight logins to a server
+ * at once, later waiters wait in order; a timeout while the server logs
+ * in others halves the bound and backs the waiter off, it neither fails
+ * the waiter nor counts towards server_fail_threshold. */
+static void
+test_logins_in_flight_overload(void **state)
+{
+	static struct tclient c[5];
+	static const char *mbs[] = { "a", "b", "c", "d", "e" };
+	int i;
+
+	(void)state;
+	C.max_logins_in_flight = 2;
+	C.server_fail_threshold = 1;
+	C.connect_timeout_ms = 10000;
+	C.login_timeout_ms = 20000;
+	reinit();
+	for (i = 0; i < 5; i++)
+		acq(&c[i], mbs[i]);
+	run();
+	assert_int_equal(nf, 2);		/* the bound, not the budget */
+	assert_string_equal(F[1].mailbox, "b");
+	fready(0);
+	assert_int_equal(c[0].granted, 1);
+	assert_int_equal(nf, 3);		/* one ended, the next in order */
+	assert_string_equal(F[2].mailbox, "c");
+	/* Overload: b's handshake times out while a logged in. */
+	ffail(1, UP_FAIL_TIMEOUT, "no answer from the server within "
+	    "connect_timeout");
+	assert_int_equal(c[1].failed, 0);
+	assert_true(retry_server_up(0, fnow));
+	assert_int_equal(retry_server_overloads(0), 1);
+	assert_int_equal(retry_server_limit(0), 1);
+	advance(1000);
+	assert_int_equal(nf, 3);		/* c's login holds the bound */
+	fready(2);
+	assert_int_equal(c[2].granted, 1);
+	assert_int_equal(retry_server_limit(0), 2);
+	/* b (first in the queue, its backoff over) and then d. */
+	assert_int_equal(nf, 5);
+	assert_string_equal(F[3].mailbox, "b");
+	assert_string_equal(F[4].mailbox, "d");
+	fready(3);
+	fready(4);
+	assert_int_equal(nf, 6);
+	fready(5);
+	for (i = 0; i < 5; i++) {
+		assert_int_equal(c[i].granted, 1);
+		assert_int_equal(c[i].failed, 0);
+	}
+	assert_int_equal(retry_server_failures(0), 0);
+	C.max_logins_in_flight = 1000;
+	C.server_fail_threshold = 5;
+}
+
 /* Servers that keep failing go down; while all are down a request fails
  * at once, without a login; after the cooldown one probe goes. */
 static void
@@ -2253,6 +2359,8 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_transient_retry_other_admin, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_final_then_negcache, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_quarantined_admin_not_chosen, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_logins_in_flight_overload,
+		    setup, teardown),
 		cmocka_unit_test_setup_teardown(test_all_servers_down, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_open_null, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_pause, setup, teardown),
@@ -2273,6 +2381,8 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_probe_fails_not_final, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_no_evidence_refused, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_preferred_admin, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_poll_yields_to_command, setup,
+		    teardown),
 	};
 
 	log_set_level(getenv("POOL_TEST_DEBUG") != NULL ? LOG_LVL_DEBUG :

@@ -361,6 +361,81 @@ test_server_down_cooldown_probe(void **state)
 	assert_int_equal(retry_server_pick(t, (size_t)-1), 0);
 }
 
+/* DESIGN 3.5 R14: a timeout while the server works is overload (the
+ * bound halves, once per generation; +1 per success); with no recent
+ * success it counts towards the threshold as before. */
+static void
+test_server_overload_aimd(void **state)
+{
+	struct retry_verdict v;
+	uint64_t t = 1000000;
+	int k;
+
+	(void)state;
+	C.max_logins_in_flight = 32;
+	C.connect_timeout_ms = 10000;
+	C.login_timeout_ms = 20000;
+	retry_configure(&C);
+	assert_int_equal(retry_server_limit(0), 32);
+
+	/* Only a timeout and Exchange's connection limit are signs of load. */
+	retry_classify(&C, UP_FAIL_TIMEOUT, "no answer from the server "
+	    "within connect_timeout", &v);
+	assert_int_equal(v.rv_class, RETRY_SERVER);
+	assert_true(v.rv_load);
+	retry_classify(&C, UP_FAIL_GREETING, "* BYE Connection is closed. 10",
+	    &v);
+	assert_true(v.rv_load);
+	retry_classify(&C, UP_FAIL_CONNECT, "cannot connect: Connection "
+	    "refused", &v);
+	assert_false(v.rv_load);
+	retry_classify(&C, UP_FAIL_TLS, "unexpected eof", &v);
+	assert_false(v.rv_load);
+
+	/* Never a success: not overload; down after the threshold. */
+	for (k = 0; k < 3; k++) {
+		assert_false(retry_server_overloaded(1, "timeout", t, t));
+		retry_server_failed(1, "timeout", t);
+	}
+	assert_false(retry_server_up(1, t));
+	assert_int_equal(retry_server_overloads(1), 0);
+
+	/* Server 0 logs in: timeouts now are overload, never down. */
+	retry_server_success(0, t);
+	assert_int_equal(retry_server_limit(0), 32);	/* capped */
+	assert_true(retry_server_overloaded(0, "timeout", t - 5000, t + 1));
+	assert_int_equal(retry_server_limit(0), 16);
+	/* Logins started before that halving: counted, no second halving. */
+	for (k = 0; k < 10; k++)
+		assert_true(retry_server_overloaded(0, "timeout", t, t + 2));
+	assert_int_equal(retry_server_limit(0), 16);
+	assert_int_equal(retry_server_overloads(0), 11);
+	assert_int_equal(log_count("server_overload"), 11);
+	/* One started after it halves again, down to 1 at least. */
+	for (k = 0; k < 10; k++)
+		assert_true(retry_server_overloaded(0, "timeout", t + 3 + k,
+		    t + 3 + k));
+	assert_int_equal(retry_server_limit(0), 1);
+	assert_true(retry_server_up(0, t + 20));
+	assert_int_equal(retry_server_failures(0), 0);
+	assert_int_equal(log_count("retry_server_down"), 1);	/* server 1 */
+	/* Additive increase, up to the setting. */
+	for (k = 0; k < 5; k++)
+		retry_server_success(0, t + 100);
+	assert_int_equal(retry_server_limit(0), 6);
+	for (k = 0; k < 100; k++)
+		retry_server_success(0, t + 100);
+	assert_int_equal(retry_server_limit(0), 32);
+	/* The success is older than connect_timeout + login_timeout: a
+	 * timeout counts against the server again. */
+	assert_false(retry_server_overloaded(0, "timeout", t + 100,
+	    t + 100 + 30001));
+	/* A reload to a lower setting lowers the bound. */
+	C.max_logins_in_flight = 8;
+	retry_configure(&C);
+	assert_int_equal(retry_server_limit(0), 8);
+}
+
 static void
 test_all_servers_down(void **state)
 {
@@ -735,6 +810,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_classify_patterns_from_config, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_backoff_bounds, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_server_down_cooldown_probe, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_server_overload_aimd, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_all_servers_down, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_admin_quarantine, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_admin_no_quarantine_cases, setup, teardown),

@@ -108,6 +108,18 @@ retry_server_failures(size_t server)
 	return server < nitems(fake_failures) ? fake_failures[server] : 0;
 }
 
+unsigned
+retry_server_limit(size_t server)
+{
+	return server == 0 ? 16 : 32;
+}
+
+uint64_t
+retry_server_overloads(size_t server)
+{
+	return server == 0 ? 7 : 0;
+}
+
 bool
 retry_admin_quarantined(size_t admin, uint64_t now_ms)
 {
@@ -791,6 +803,8 @@ static const struct {
 	{ "imapshim_queue_timeouts_total", "counter" },
 	{ "imapshim_server_up", "gauge" },
 	{ "imapshim_server_draining", "gauge" },
+	{ "imapshim_upstream_overload_total", "counter" },
+	{ "imapshim_upstream_logins_in_flight_limit", "gauge" },
 	{ "imapshim_paused", "gauge" },
 	{ "imapshim_admin_quarantined", "gauge" },
 	{ "imapshim_command_seconds", "histogram" },
@@ -861,6 +875,10 @@ test_metrics_values(void **state)
 	assert_true(pm_get("imapshim_server_up", "server=\"cas1.example.com:993\"", NULL) == 1);
 	assert_true(pm_get("imapshim_server_up", "server=\"[::1]:1993\"", NULL) == 0);
 	assert_true(pm_get("imapshim_server_draining", "server=\"[::1]:1993\"", NULL) == 0);
+	assert_true(pm_get("imapshim_upstream_overload_total",
+	    "server=\"cas1.example.com:993\"", NULL) == 7);
+	assert_true(pm_get("imapshim_upstream_logins_in_flight_limit",
+	    "server=\"[::1]:1993\"", NULL) == 32);
 	assert_true(pm_get("imapshim_paused", "", NULL) == 0);
 	assert_true(pm_get("imapshim_admin_quarantined", "admin=\"NPUMAdmin1\"", NULL) == 0);
 	assert_true(pm_get("imapshim_admin_quarantined", "admin=\"" ADMIN_Q_PROM "\"", NULL) == 1);

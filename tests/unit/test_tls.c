@@ -6,7 +6,10 @@
  * its server context loaded with a throw-away certificate.  A second
  * connection to the same server resumes the first one's session; a session
  * that a connection of an older context received (after a reload that may
- * have changed tls_ca_file) is never offered by a newer context.
+ * have changed tls_ca_file) is never offered by a newer context.  On the
+ * server side, a client's ticket (TLS 1.2 and 1.3) opens after one
+ * rotation of the ticket key ring, not after two, and under a reload's
+ * new server context.
  *
  * A client's failed handshake gets one class from OpenSSL's reason code
  * (or plaintext from its first bytes) and the version it offered; a
@@ -400,12 +403,89 @@ test_old_context_session_not_offered(void **state)
 	tls_ctx_free(cur);
 }
 
+/* A client's ticket still opens after one rotation of the key ring (and
+ * is renewed), no longer after the key that sealed it was rotated out;
+ * TLS 1.2 and 1.3 alike. */
+static void
+ticket_rotation(int max_version, int64_t start)
+{
+	char err[256];
+	SSL_CTX *cctx = tls_client_ctx_new(false, NULL, err, sizeof(err));
+	int64_t now = (int64_t)time(NULL) + start * TLS_TICKET_ROTATE_S;
+	struct conn a, b, c;
+
+	assert_non_null(cctx);
+	SSL_CTX_set_max_proto_version(cctx, max_version);
+	/* Whatever the ring holds (start is past every earlier test's
+	 * clock), a key newer than the tickets below. */
+	(void)tls_ticket_rotate(now);
+	assert_false(tls_ticket_rotate(now + TLS_TICKET_ROTATE_S - 1));
+	conn_open(&a, cctx);
+	assert_false(conn_handshake(&a));
+	assert_int_equal(SSL_version(a.client), max_version);
+	conn_close(&a);
+	assert_true(tls_ticket_rotate(now + TLS_TICKET_ROTATE_S));
+	conn_open(&b, cctx);
+	assert_true(conn_handshake(&b));	/* the previous key opens it */
+	conn_close(&b);
+	/* b's renewed ticket is sealed with the newest key: two more
+	 * rotations forget it. */
+	assert_true(tls_ticket_rotate(now + 2 * TLS_TICKET_ROTATE_S));
+	assert_true(tls_ticket_rotate(now + 3 * TLS_TICKET_ROTATE_S));
+	conn_open(&c, cctx);
+	assert_false(conn_handshake(&c));
+	conn_close(&c);
+	tls_ctx_free(cctx);
+}
+
+static void
+test_ticket_rotation_tls13(void **state)
+{
+	(void)state;
+	ticket_rotation(TLS1_3_VERSION, 10);
+}
+
+static void
+test_ticket_rotation_tls12(void **state)
+{
+	(void)state;
+	ticket_rotation(TLS1_2_VERSION, 20);
+}
+
+/* A reload's new server context opens the tickets of the old one. */
+static void
+test_tickets_survive_reload(void **state)
+{
+	char err[256];
+	SSL_CTX *cctx = tls_client_ctx_new(false, NULL, err, sizeof(err));
+	SSL_CTX *old = server_ctx;
+	struct conn a, b;
+
+	(void)state;
+	assert_non_null(cctx);
+	conn_open(&a, cctx);
+	assert_false(conn_handshake(&a));
+	conn_close(&a);
+	server_ctx = tls_server_ctx_new(cert_path, key_path, TLS1_2_VERSION,
+	    err, sizeof(err));
+	assert_non_null(server_ctx);
+	conn_open(&b, cctx);
+	assert_true(conn_handshake(&b));
+	conn_close(&b);
+	tls_ctx_free(server_ctx);
+	server_ctx = old;
+	tls_ctx_free(cctx);
+}
+
 int
 main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_second_connection_resumes),
 		cmocka_unit_test(test_old_context_session_not_offered),
+		cmocka_unit_test(test_ticket_rotation_tls13),
+		cmocka_unit_test(test_ticket_rotation_tls12),
+		cmocka_unit_test(test_tickets_survive_reload),
 		cmocka_unit_test(test_failure_class_by_reason),
 		cmocka_unit_test(test_failure_class_plaintext),
 		cmocka_unit_test(test_client_failure_plaintext),

@@ -229,9 +229,12 @@ install_deb() {	# install_deb DEB [dpkg options]: as a site would, with apt
 # unit's ExecStartPre runs it; its output in $T_OUT.
 check_t() {
 	local rc
+	# The open-file limit warning depends on the machine running this test
+	# (a unit gets LimitNOFILE=65536), not on the package: left out.
 	T_OUT=$(t 30 setpriv --reuid=imapshim --regid=imapshim --clear-groups \
 	    /usr/sbin/imapshim -t -c "$INI" 2>&1)
 	rc=$?
+	T_OUT=$(printf '%s\n' "$T_OUT" | grep -v ': warning: the open-file limit is ' || true)
 	printf '%s\n' "$T_OUT" | sed 's/^/  | /'
 	[ "$rc" -eq "$1" ] || fail "imapshim -t exited $rc, not $1"
 }

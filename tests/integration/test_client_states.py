@@ -142,16 +142,20 @@ def test_done_read_after_idle_poll_reattach(make_shim, make_fake):
         closing(ca, cb)
 
 
-def test_done_read_after_failed_idle_poll(make_shim, make_fake):
+def test_done_read_while_idle_poll_waits(make_shim, make_fake):
     """Defect 2: a failed IDLE poll (cl_attach_failed on a poll) went back
     to parked with reading off, so a DONE that could be answered at once
-    was never read.  session_budget 1, queue_timeout 1s: A IDLEs and is
-    parked for B; B holds the one session with a FETCH the fake stalls, so
-    A's poll waits queue_timeout and fails (event=pool_fail).  A's DONE
-    must get "i OK" within queue_timeout plus a margin."""
+    was never read.  Polls now wait without a queue_timeout behind
+    commands (src/DESIGN.md), the client parked with reading on.
+    session_budget 1: A IDLEs and is parked for B; B holds the one session
+    with a FETCH the fake stalls, so A's poll waits in the poll queue.  A's
+    DONE must withdraw the poll and get "i OK" at once (within 3s)."""
     fe = make_fake()
     fe.script["on_command"] = fake_exchange.stall_on("FETCH", mailbox="fpoll-b")
-    shim = make_shim(fe.port, config=mx_config(queue_timeout="1s", idle_poll_interval="2s"))
+    status_port = harness.free_port()
+    cfg = mx_config(queue_timeout="1s", idle_poll_interval="2s")
+    cfg["shim"] = {"status_listen": "127.0.0.1:%d" % status_port}
+    shim = make_shim(fe.port, config=cfg)
     ca = cb = None
     try:
         ca = shim.logged_in("fpoll-a")
@@ -162,15 +166,20 @@ def test_done_read_after_failed_idle_poll(make_shim, make_fake):
         cb.send(b"f FETCH 1 (FLAGS)\r\n")           # stalled: B keeps the session
         assert fe.wait_for(lambda f: f.script["on_command"].state["n"] >= 1, timeout=5), (
             "B's FETCH never reached the fake")
-        # A's poll waited queue_timeout in vain (the pool says so)
-        shim.wait_log_event("pool_fail", timeout=10, mailbox="fpoll-a", why="timeout")
+        # A's poll is due within idle_poll_interval and waits for the session
+        harness.wait_until(
+            lambda: harness.metric(status_port, "imapshim_poll_queue_length") == 1,
+            timeout=10, what="A's IDLE poll waiting in the poll queue")
         t0 = time.monotonic()
         ca.send(b"DONE\r\n")
-        r = answer(ca, "i", timeout=1 + 3)
-        assert r is not None, ("A's DONE after a failed IDLE poll got no tagged answer "
-                               "within queue_timeout + 3s; A got %r" % got(ca))
+        r = answer(ca, "i", timeout=3)
+        assert r is not None, ("A's DONE while its IDLE poll waited got no tagged "
+                               "answer within 3s; A got %r" % got(ca))
         assert r.status == "OK", r
-        print("DONE answered %.2fs after a failed poll" % (time.monotonic() - t0))
+        harness.wait_until(
+            lambda: harness.metric(status_port, "imapshim_poll_queue_length") == 0,
+            timeout=5, what="the DONE withdrew A's poll")
+        print("DONE answered %.2fs while a poll waited" % (time.monotonic() - t0))
     finally:
         closing(ca, cb)
 

@@ -63,7 +63,7 @@ fi
 srcs_for() {
 	case $1 in
 	command|response) echo "imap_parse.c" ;;
-	login) echo "auth.c imap_parse.c" ;;
+	login) echo "auth.c imap_parse.c util.c log.c" ;;
 	config) echo "config.c addr.c util.c log.c auth.c imap_parse.c" ;;
 	resync) echo "resync.c" ;;
 	*) return 1 ;;
@@ -71,7 +71,7 @@ srcs_for() {
 }
 libs_for() {
 	case $1 in
-	login) echo "-lcrypto" ;;
+	login) echo "-levent -lcrypto" ;;
 	config) echo "-linih -levent -lssl -lcrypto" ;;
 	esac
 }

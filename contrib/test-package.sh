@@ -297,7 +297,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 P_TLS=$(free_port) P_STATUS=$(free_port) P_UP=$(free_port)
 install -d -m 700 -o imapshim -g imapshim /etc/imapshim/tls || fail "creating /etc/imapshim/tls"
 (umask 077
- t 60 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+ t 60 openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=localhost \
      -keyout /etc/imapshim/tls/key.pem -out /etc/imapshim/tls/cert.pem 2>/dev/null &&
  printf 'not-a-real-password\n' >/etc/imapshim/NPUMAdmin1.secret) || fail "creating the site's files"
 chown imapshim:imapshim /etc/imapshim/tls/key.pem /etc/imapshim/tls/cert.pem \

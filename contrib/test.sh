@@ -251,18 +251,40 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-20} bash tests/fuzz/run-fuzz.sh
 STEP="valgrind memcheck (integration)"
 say "integration suites with imapshim under valgrind"
 vg=$(mktemp -d)
-# Any memcheck error or definite leak makes the daemon exit 99, which the
-# harness reports as a failed test (it expects exit status 0 on SIGTERM).
-printf '#!/bin/sh\nexec valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite %s "$@"\n' \
-    "$PWD/build/src/imapshim" >"$vg/imapshim"
+mkdir "$vg/logs"
+# Valgrind writes to a file of its own, one per process named after the
+# test that started it, so the daemon's log stays logfmt.  Any memcheck
+# error or definite leak counts in that file's ERROR SUMMARY, and makes the
+# daemon exit 99, which the harness reports as a failed test (it expects
+# exit status 0 on SIGTERM); one whose exit status no test checks is caught
+# by the file alone (a process killed outright writes no summary).
+{
+	printf "#!/bin/sh\nlogs='%s'\nbin='%s'\n" "$vg/logs" "$PWD/build/src/imapshim"
+	cat <<'EOF'
+tag=$(printf '%s' "${PYTEST_CURRENT_TEST:-imapshim}" | tr -c 'A-Za-z0-9_.-' _)
+exec valgrind --log-file="$logs/$tag.%p" --error-exitcode=99 --leak-check=full \
+    --errors-for-leak-kinds=definite --show-leak-kinds=definite "$bin" "$@"
+EOF
+} >"$vg/imapshim"
 chmod +x "$vg/imapshim"
 # The tests find imapshim-ctl beside the daemon.
 ln -s "$PWD/build/src/imapshim-ctl" "$vg/imapshim-ctl"
 # Tests of sub-second timeouts measure time, which valgrind stretches.
 for t in test_proxy test_pool test_protolog test_status test_ops test_notify test_console; do
+	rc=0
 	IMAPSHIM="$vg/imapshim" PYTHON3=/usr/bin/python3 \
 	    PYTEST_ADDOPTS="-k 'not login_timeout and not idle_timeout and not second_sigterm and not pacing'" \
-	    bash tests/integration/run-pytest.sh "tests/integration/$t.py"
+	    bash tests/integration/run-pytest.sh "tests/integration/$t.py" || rc=$?
+	bad=$(grep -l -E '^==[0-9]+== ERROR SUMMARY: [1-9]' "$vg"/logs/* 2>/dev/null || true)
+	for f in $bad; do
+		printf '\n---------- valgrind: %s ----------\n' "${f##*/}"
+		sed 's/^/  | /' "$f"
+	done
+	if [ -n "$bad" ]; then
+		echo "contrib/test.sh: valgrind found errors under $t.py" >&2
+		exit 1
+	fi
+	[ "$rc" -eq 0 ] || exit "$rc"
 done
 rm -rf "$vg"
 

@@ -12,6 +12,13 @@
  * socket's mode 0600 already keeps others out; the check is the second
  * lock, for a socket directory or mode someone loosened, since "show
  * clients" names mailboxes and "kick" ends sessions.
+ *
+ * Every connection ends the same way (con_end): its last answer (a
+ * REFUSED line for a refused one) is written, our side is shut, and what
+ * the peer still sends is dropped until its EOF or CONSOLE_LINGER_MS, so
+ * the peer reads the answer instead of a reset; then it is freed, with
+ * one log line saying why.  Peers refused at accept linger too, up to
+ * CONSOLE_MAX_CONNS of them at once.
  */
 #include "console.h"
 
@@ -43,13 +50,20 @@
 /* A console connection that sends nothing for this long is closed. */
 #define CONSOLE_IDLE_S 300
 #define CONSOLE_BACKLOG 16
+/* An ending connection waits this long at most for the peer's EOF. */
+#define CONSOLE_LINGER_MS 2000
 
 #define CON_BYE "Session ended by the operator."
 
 struct con_conn {
 	struct bufferevent *cc_bev;
-	unsigned cc_uid;
-	bool cc_closing;		/* freed once its output is sent */
+	struct ucred cc_cred;		/* the peer, from SO_PEERCRED */
+	bool cc_served;			/* false: refused when accepted */
+	const char *cc_end;		/* why it ends; NULL while served */
+	bool cc_refused;		/* it ends with a REFUSED line */
+	bool cc_eof;			/* the peer has shut its side */
+	bool cc_shut;			/* we have shut ours (lingering) */
+	uint64_t cc_linger_until;	/* ms: free it then at the latest */
 	LIST_ENTRY(con_conn) cc_link;
 };
 
@@ -62,6 +76,7 @@ static struct {
 	ino_t ino;
 	LIST_HEAD(, con_conn) conns;
 	unsigned n_conns;
+	unsigned n_refusing;		/* of n_conns: refused when accepted */
 } K;
 
 /* ------------------------------------------------------------- parser */
@@ -383,25 +398,85 @@ oom:
 
 /* ---------------------------------------------------------- connections */
 
+/* How long an ending connection waits for the peer's EOF (con_linger). */
+static const struct timeval con_linger_tv = { CONSOLE_LINGER_MS / 1000,
+    (CONSOLE_LINGER_MS % 1000) * 1000 };
+
+/* One line for the end of a console connection (cr NULL: the peer is not
+ * known): console_refused for one that got a REFUSED line, else
+ * console_close. */
+static void
+con_log_end(const struct ucred *cr, const char *reason, bool refused)
+{
+	char who[48] = "uid=- pid=-";
+
+	if (cr != NULL)
+		snprintf(who, sizeof(who), "uid=%u pid=%d", (unsigned)cr->uid,
+		    (int)cr->pid);
+	log_event(refused ? LOG_LVL_WARN : strcmp(reason, "eof") == 0 ?
+	    LOG_LVL_DEBUG : LOG_LVL_INFO, refused ? "console_refused" :
+	    "console_close", "%s reason=%s", who, reason);
+}
+
+/* The one way a console connection is freed: logged, then closed. */
 static void
 con_free(struct con_conn *c)
 {
+	con_log_end(&c->cc_cred, c->cc_end != NULL ? c->cc_end : "stop",
+	    c->cc_refused);
 	LIST_REMOVE(c, cc_link);
 	K.n_conns--;
+	if (!c->cc_served)
+		K.n_refusing--;
 	bufferevent_free(c->cc_bev);
 	free(c);
 }
 
-/* Flush, then free (the write callback). */
+/*
+ * The next step of an ending connection: once its answer is written, shut
+ * our side and read (and drop) what the peer still sends until its EOF or
+ * CONSOLE_LINGER_MS, then free it.  Closing with unread input would send
+ * a reset, which can destroy the answer before the peer has read it.
+ * May free c.
+ */
 static void
-con_close(struct con_conn *c)
+con_linger(struct con_conn *c)
 {
-	if (evbuffer_get_length(bufferevent_get_output(c->cc_bev)) == 0) {
+	if (evbuffer_get_length(bufferevent_get_output(c->cc_bev)) > 0)
+		return;			/* con_write_cb comes back */
+	if (c->cc_eof || (c->cc_shut && util_now_ms() >= c->cc_linger_until)) {
 		con_free(c);
 		return;
 	}
-	c->cc_closing = true;
-	bufferevent_disable(c->cc_bev, EV_READ);
+	if (c->cc_shut)
+		return;
+	c->cc_shut = true;
+	c->cc_linger_until = util_now_ms() + CONSOLE_LINGER_MS;
+	if (shutdown(bufferevent_getfd(c->cc_bev), SHUT_WR) != 0) {
+		con_free(c);
+		return;
+	}
+	/* A timeout disables reading: enable it again for the EOF. */
+	bufferevent_set_timeouts(c->cc_bev, &con_linger_tv, &con_linger_tv);
+	bufferevent_enable(c->cc_bev, EV_READ);
+}
+
+/* Stop serving c for reason (the log's), with a REFUSED line when refusal
+ * is not NULL, after what was answered before.  May free c. */
+static void
+con_end(struct con_conn *c, const char *reason, const char *refusal)
+{
+	IMAPSHIM_ASSERT(c->cc_end == NULL);
+	c->cc_end = reason;
+	if (refusal != NULL) {
+		c->cc_refused = true;
+		evbuffer_add_printf(bufferevent_get_output(c->cc_bev),
+		    "REFUSED %s\n", refusal);
+		/* A refused peer that reads nothing is not waited for. */
+		bufferevent_set_timeouts(c->cc_bev, &con_linger_tv,
+		    &con_linger_tv);
+	}
+	con_linger(c);
 }
 
 static void
@@ -419,7 +494,8 @@ con_line(struct con_conn *c, const char *line, size_t len)
 	evbuffer_add_printf(out, "%s%s%s\n", ok ? "OK" : "ERROR",
 	    res[0] != '\0' ? " " : "", res);
 	log_info("console_command", "uid=%u cmd=%s result=%s reason=%s",
-	    c->cc_uid, log_vn(line, len), ok ? "ok" : "error", log_v(res));
+	    (unsigned)c->cc_cred.uid, log_vn(line, len), ok ? "ok" : "error",
+	    log_v(res));
 }
 
 static void
@@ -430,8 +506,9 @@ con_read_cb(struct bufferevent *bev, void *arg)
 	struct evbuffer_ptr eol;
 	size_t eol_len, n;
 	char line[CONSOLE_LINE_MAX + 2];
+	char why[64];
 
-	while (!c->cc_closing) {
+	while (c->cc_end == NULL) {
 		eol = evbuffer_search_eol(in, NULL, &eol_len, EVBUFFER_EOL_LF);
 		if (eol.pos < 0) {
 			if (evbuffer_get_length(in) <= CONSOLE_LINE_MAX)
@@ -440,12 +517,10 @@ con_read_cb(struct bufferevent *bev, void *arg)
 		} else
 			n = (size_t)eol.pos;
 		if (n > CONSOLE_LINE_MAX) {
-			evbuffer_add_printf(bufferevent_get_output(bev),
-			    "REFUSED line too long (more than %d bytes)\n",
-			    CONSOLE_LINE_MAX);
-			log_warn("console_refused", "uid=%u reason=line-too-long",
-			    c->cc_uid);
-			con_close(c);
+			snprintf(why, sizeof(why), "line too long (more than "
+			    "%d bytes)", CONSOLE_LINE_MAX);
+			evbuffer_drain(in, evbuffer_get_length(in));
+			con_end(c, "line-too-long", why);
 			return;
 		}
 		evbuffer_remove(in, line, n);
@@ -455,6 +530,9 @@ con_read_cb(struct bufferevent *bev, void *arg)
 		line[n] = '\0';
 		con_line(c, line, n);
 	}
+	/* Ending: what the peer still sends is dropped unread. */
+	evbuffer_drain(in, evbuffer_get_length(in));
+	con_linger(c);
 }
 
 static void
@@ -462,9 +540,9 @@ con_write_cb(struct bufferevent *bev, void *arg)
 {
 	struct con_conn *c = arg;
 
-	if (c->cc_closing &&
-	    evbuffer_get_length(bufferevent_get_output(bev)) == 0)
-		con_free(c);
+	(void)bev;
+	if (c->cc_end != NULL)
+		con_linger(c);
 }
 
 static void
@@ -473,25 +551,33 @@ con_event_cb(struct bufferevent *bev, short what, void *arg)
 	struct con_conn *c = arg;
 
 	(void)bev;
-	if (what & BEV_EVENT_TIMEOUT)
-		log_info("console_timeout", "uid=%u", c->cc_uid);
-	/* EOF, error or timeout: whatever was answered is written already
-	 * or cannot be any more. */
-	if (c->cc_closing || (what & BEV_EVENT_ERROR) != 0)
+	if (what & BEV_EVENT_EOF)
+		c->cc_eof = true;
+	if (what & BEV_EVENT_ERROR) {
+		/* Nothing more can be sent. */
+		if (c->cc_end == NULL)
+			c->cc_end = "error";
 		con_free(c);
+	} else if (c->cc_end == NULL)
+		con_end(c, c->cc_eof ? "eof" : "idle-timeout", NULL);
+	else if (what & BEV_EVENT_TIMEOUT)
+		con_free(c);		/* the linger ran out */
 	else
-		con_close(c);
+		con_linger(c);		/* the peer's EOF */
 }
 
-/* Tell a peer we will not serve it, in one line, and hang up. */
+/* Refuse a peer without a connection of its own (no peer credentials, out
+ * of resources, too many refused at once): the line, then close at once. */
 static void
-con_refuse(evutil_socket_t fd, const char *why)
+con_refuse_now(evutil_socket_t fd, const struct ucred *cr,
+    const char *reason, const char *refusal)
 {
 	char line[256];
-	int n = snprintf(line, sizeof(line), "REFUSED %s\n", why);
+	int n = snprintf(line, sizeof(line), "REFUSED %s\n", refusal);
 
 	(void)!send(fd, line, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
 	evutil_closesocket(fd);
+	con_log_end(cr, reason, true);
 }
 
 static void
@@ -501,6 +587,7 @@ con_accept_cb(struct evconnlistener *lev, evutil_socket_t fd,
 	struct timeval idle = { CONSOLE_IDLE_S, 0 };
 	struct ucred cred;
 	socklen_t credlen = sizeof(cred);
+	const char *reason = NULL;
 	struct con_conn *c;
 	char why[128];
 
@@ -509,40 +596,47 @@ con_accept_cb(struct evconnlistener *lev, evutil_socket_t fd,
 	(void)salen;
 	(void)arg;
 	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &credlen) != 0) {
-		log_warn("console_refused", "reason=no-peer-credentials "
-		    "error=%s", log_v(strerror(errno)));
-		con_refuse(fd, "cannot tell who you are");
+		con_refuse_now(fd, NULL, "no-peer-credentials",
+		    "cannot tell who you are");
 		return;
 	}
 	if (cred.uid != 0 && cred.uid != geteuid()) {
-		log_warn("console_refused", "uid=%u pid=%d reason=\"not root "
-		    "nor the daemon's user\"", (unsigned)cred.uid, (int)cred.pid);
+		reason = "uid-not-allowed";
 		snprintf(why, sizeof(why), "permission denied: uid %u may not "
 		    "use the console", (unsigned)cred.uid);
-		con_refuse(fd, why);
-		return;
+	} else if (K.n_conns - K.n_refusing >= CONSOLE_MAX_CONNS) {
+		reason = "too-many-connections";
+		snprintf(why, sizeof(why), "busy: too many console "
+		    "connections");
 	}
-	if (K.n_conns >= CONSOLE_MAX_CONNS) {
-		log_warn("console_refused", "uid=%u reason=too-many-connections "
-		    "max=%d", (unsigned)cred.uid, CONSOLE_MAX_CONNS);
-		con_refuse(fd, "busy: too many console connections");
+	/* Refused ones linger too, but not without bound. */
+	if (reason != NULL && K.n_refusing >= CONSOLE_MAX_CONNS) {
+		con_refuse_now(fd, &cred, reason, why);
 		return;
 	}
 	c = xcalloc(1, sizeof(*c));
-	c->cc_uid = (unsigned)cred.uid;
+	c->cc_cred = cred;
+	c->cc_served = reason == NULL;
 	c->cc_bev = bufferevent_socket_new(evconnlistener_get_base(K.lev), fd,
 	    BEV_OPT_CLOSE_ON_FREE);
 	if (c->cc_bev == NULL) {
 		free(c);
-		con_refuse(fd, "out of resources");
+		con_refuse_now(fd, &cred, "out-of-resources",
+		    "out of resources");
 		return;
 	}
 	LIST_INSERT_HEAD(&K.conns, c, cc_link);
 	K.n_conns++;
+	if (!c->cc_served)
+		K.n_refusing++;
 	bufferevent_setcb(c->cc_bev, con_read_cb, con_write_cb, con_event_cb, c);
 	bufferevent_set_timeouts(c->cc_bev, &idle, NULL);
 	bufferevent_enable(c->cc_bev, EV_READ | EV_WRITE);
-	log_debug("console_connect", "uid=%u pid=%d", c->cc_uid, (int)cred.pid);
+	if (reason != NULL)
+		con_end(c, reason, why);
+	else
+		log_debug("console_connect", "uid=%u pid=%d",
+		    (unsigned)cred.uid, (int)cred.pid);
 }
 
 /* ------------------------------------------------------------ the socket */

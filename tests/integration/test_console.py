@@ -71,6 +71,20 @@ def client_rows(shim):
     return [r for r in kv_lines(ctl_ok(shim, "show clients")) if "id" in r]
 
 
+def answer_to_long_command(sock):
+    """Send a 1 MiB command line (more than the socket's buffers hold, so
+    the daemon answers while it is still being sent), then read to EOF.
+    A daemon that closed with the command unread would break this send
+    (EPIPE) or reset the connection."""
+    sock.sendall(b"show " + b"x" * (1 << 20))
+    got = b""
+    while True:
+        d = sock.recv(65536)
+        if not d:
+            return got
+        got += d
+
+
 # ------------------------------------------------------------------ socket
 
 def test_socket_mode_and_exit_codes(env):
@@ -119,19 +133,7 @@ def test_other_uid_refused(env):
             c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             c.settimeout(10)
             c.connect(s.control_path)
-            try:
-                c.sendall(b"show clients\n")
-            except OSError:
-                pass            # closed already: the refusal is there to read
-            # Up to the REFUSED line: the daemon closes at once, and a
-            # close with our command unread is a reset after that line.
-            got = b""
-            while not got.endswith(b"\n"):
-                d = c.recv(4096)
-                if not d:
-                    break
-                got += d
-            os.write(w, got)
+            os.write(w, answer_to_long_command(c))
             status = 0
         except BaseException as e:  # noqa: B036 (the child must reach _exit)
             os.write(w, repr(e).encode())
@@ -198,6 +200,42 @@ def test_line_and_connection_limits(env):
     # Slots come back once those are closed.
     harness.wait_until(lambda: harness.ctl(s, "show pools")[0] == 0, timeout=10,
                        what="console usable again")
+
+
+def test_refused_peer_reads_the_refusal(env):
+    """A peer refused while its long command is still coming in takes no
+    reset: the daemon writes the REFUSED line, shuts its side and drops
+    the rest, so the peer's send completes and it reads the line, then
+    EOF.  Every connection's end is one log line with the reason."""
+    fe, s = env
+
+    def connect():
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(10)
+        c.connect(s.control_path)
+        return c
+
+    c = connect()
+    assert answer_to_long_command(c) == b"REFUSED line too long (more than 1024 bytes)\n"
+    c.close()
+    # Until its end is logged it holds one of the 8 slots.
+    s.wait_log_event("console_refused", reason="line-too-long")
+    held = [connect() for _ in range(8)]        # the 8 allowed, served
+    for h in held:
+        h.sendall(b"resume\n")
+        got = b""
+        while not got.endswith(b"\n"):
+            got += h.recv(4096)
+        assert got == b"OK resumed\n"
+    extra = connect()
+    assert answer_to_long_command(extra) == b"REFUSED busy: too many console connections\n"
+    extra.close()
+    for h in held:
+        h.close()
+    s.wait_log_event("console_close", count=8, reason="eof")
+    refused = [e["reason"] for e in s.log_events("console_refused")]
+    assert sorted(refused) == ["line-too-long", "too-many-connections"], refused
+    assert len(s.log_events("console_close")) == 8
 
 
 # -------------------------------------------------------------------- show

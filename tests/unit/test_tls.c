@@ -103,51 +103,54 @@ teardown(void **state)
 	return 0;
 }
 
-static unsigned long
-ssl_err(int reason)
-{
-	return ERR_PACK(ERR_LIB_SSL, 0, reason);
-}
+/* An OpenSSL error code of the SSL library (a constant expression). */
+#define SSL_ERR(reason) ERR_PACK(ERR_LIB_SSL, 0, (reason))
 
 static void
 test_failure_class_by_reason(void **state)
 {
 	static const unsigned char tls_hdr[5] = { 0x16, 0x03, 0x01, 0x00, 0x80 };
+	static const struct {
+		unsigned long err;
+		bool hdr;		/* the peer sent a TLS record header */
+		enum stats_tls_failure want;
+	} cases[] = {
+		{ SSL_ERR(SSL_R_UNSUPPORTED_PROTOCOL), true,
+		  STATS_TLS_FAIL_PROTOCOL_VERSION },
+		{ SSL_ERR(SSL_R_VERSION_TOO_LOW), false,
+		  STATS_TLS_FAIL_PROTOCOL_VERSION },
+		{ SSL_ERR(SSL_R_TLSV1_ALERT_PROTOCOL_VERSION), true,
+		  STATS_TLS_FAIL_PROTOCOL_VERSION },
+		{ SSL_ERR(SSL_R_NO_SHARED_CIPHER), true,
+		  STATS_TLS_FAIL_NO_SHARED_CIPHER },
+		{ SSL_ERR(SSL_R_NO_SHARED_GROUPS), true,
+		  STATS_TLS_FAIL_NO_SHARED_CIPHER },
+		{ SSL_ERR(SSL_R_TLSV1_ALERT_UNKNOWN_CA), true,
+		  STATS_TLS_FAIL_CERTIFICATE },
+		{ SSL_ERR(SSL_R_SSLV3_ALERT_BAD_CERTIFICATE), true,
+		  STATS_TLS_FAIL_CERTIFICATE },
+		{ SSL_ERR(SSL_R_SSLV3_ALERT_CERTIFICATE_EXPIRED), true,
+		  STATS_TLS_FAIL_CERTIFICATE },
+		{ SSL_ERR(SSL_R_HTTP_REQUEST), false, STATS_TLS_FAIL_PLAINTEXT },
+		/* A handshake record that is not what OpenSSL expects: not
+		 * text. */
+		{ SSL_ERR(SSL_R_WRONG_VERSION_NUMBER), true,
+		  STATS_TLS_FAIL_OTHER },
+		{ SSL_ERR(SSL_R_SSLV3_ALERT_HANDSHAKE_FAILURE), true,
+		  STATS_TLS_FAIL_OTHER },
+		{ 0, false, STATS_TLS_FAIL_OTHER },
+		{ ERR_PACK(ERR_LIB_SYS, 0, 104), false, STATS_TLS_FAIL_OTHER },
+		/* Same reason code, another library: not an SSL reason. */
+		{ ERR_PACK(ERR_LIB_X509, 0, SSL_R_NO_SHARED_CIPHER), false,
+		  STATS_TLS_FAIL_OTHER },
+	};
+	size_t i;
 
 	(void)state;
-	assert_int_equal(tls_failure_class(ssl_err(SSL_R_UNSUPPORTED_PROTOCOL),
-	    tls_hdr, 5), STATS_TLS_FAIL_PROTOCOL_VERSION);
-	assert_int_equal(tls_failure_class(ssl_err(SSL_R_VERSION_TOO_LOW),
-	    NULL, 0), STATS_TLS_FAIL_PROTOCOL_VERSION);
-	assert_int_equal(tls_failure_class(ssl_err(
-	    SSL_R_TLSV1_ALERT_PROTOCOL_VERSION), tls_hdr, 5),
-	    STATS_TLS_FAIL_PROTOCOL_VERSION);
-	assert_int_equal(tls_failure_class(ssl_err(SSL_R_NO_SHARED_CIPHER),
-	    tls_hdr, 5), STATS_TLS_FAIL_NO_SHARED_CIPHER);
-	assert_int_equal(tls_failure_class(ssl_err(SSL_R_NO_SHARED_GROUPS),
-	    tls_hdr, 5), STATS_TLS_FAIL_NO_SHARED_CIPHER);
-	assert_int_equal(tls_failure_class(ssl_err(SSL_R_TLSV1_ALERT_UNKNOWN_CA),
-	    tls_hdr, 5), STATS_TLS_FAIL_CERTIFICATE);
-	assert_int_equal(tls_failure_class(ssl_err(
-	    SSL_R_SSLV3_ALERT_BAD_CERTIFICATE), tls_hdr, 5),
-	    STATS_TLS_FAIL_CERTIFICATE);
-	assert_int_equal(tls_failure_class(ssl_err(
-	    SSL_R_SSLV3_ALERT_CERTIFICATE_EXPIRED), tls_hdr, 5),
-	    STATS_TLS_FAIL_CERTIFICATE);
-	assert_int_equal(tls_failure_class(ssl_err(SSL_R_HTTP_REQUEST),
-	    NULL, 0), STATS_TLS_FAIL_PLAINTEXT);
-	/* A handshake record that is not what OpenSSL expects: not text. */
-	assert_int_equal(tls_failure_class(ssl_err(SSL_R_WRONG_VERSION_NUMBER),
-	    tls_hdr, 5), STATS_TLS_FAIL_OTHER);
-	assert_int_equal(tls_failure_class(ssl_err(
-	    SSL_R_SSLV3_ALERT_HANDSHAKE_FAILURE), tls_hdr, 5),
-	    STATS_TLS_FAIL_OTHER);
-	assert_int_equal(tls_failure_class(0, NULL, 0), STATS_TLS_FAIL_OTHER);
-	assert_int_equal(tls_failure_class(ERR_PACK(ERR_LIB_SYS, 0, 104),
-	    NULL, 0), STATS_TLS_FAIL_OTHER);
-	/* Same reason code, another library: not an SSL reason. */
-	assert_int_equal(tls_failure_class(ERR_PACK(ERR_LIB_X509, 0,
-	    SSL_R_NO_SHARED_CIPHER), NULL, 0), STATS_TLS_FAIL_OTHER);
+	for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		assert_int_equal(tls_failure_class(cases[i].err,
+		    cases[i].hdr ? tls_hdr : NULL, cases[i].hdr ? 5 : 0),
+		    cases[i].want);
 }
 
 static void
@@ -157,13 +160,13 @@ test_failure_class_plaintext(void **state)
 
 	(void)state;
 	/* IMAP or HTTP text first: plaintext whatever OpenSSL made of it. */
-	assert_int_equal(tls_failure_class(ssl_err(SSL_R_WRONG_VERSION_NUMBER),
+	assert_int_equal(tls_failure_class(SSL_ERR(SSL_R_WRONG_VERSION_NUMBER),
 	    (const unsigned char *)"a1 LO", 5), STATS_TLS_FAIL_PLAINTEXT);
-	assert_int_equal(tls_failure_class(ssl_err(SSL_R_HTTP_REQUEST),
+	assert_int_equal(tls_failure_class(SSL_ERR(SSL_R_HTTP_REQUEST),
 	    (const unsigned char *)"GET /", 5), STATS_TLS_FAIL_PLAINTEXT);
 	assert_int_equal(tls_failure_class(0,
 	    (const unsigned char *)"* OK", 4), STATS_TLS_FAIL_PLAINTEXT);
-	assert_int_equal(tls_failure_class(ssl_err(SSL_R_WRONG_VERSION_NUMBER),
+	assert_int_equal(tls_failure_class(SSL_ERR(SSL_R_WRONG_VERSION_NUMBER),
 	    binary, 5), STATS_TLS_FAIL_OTHER);
 }
 
@@ -439,17 +442,21 @@ ticket_rotation(int max_version, int64_t start)
 }
 
 static void
-test_ticket_rotation_tls13(void **state)
+test_ticket_rotation(void **state)
 {
-	(void)state;
-	ticket_rotation(TLS1_3_VERSION, 10);
-}
+	/* Each version on a clock of its own, past the one before. */
+	static const struct {
+		int max_version;
+		int64_t start;		/* in rotation periods from now */
+	} cases[] = {
+		{ TLS1_3_VERSION, 10 },
+		{ TLS1_2_VERSION, 20 },
+	};
+	size_t i;
 
-static void
-test_ticket_rotation_tls12(void **state)
-{
 	(void)state;
-	ticket_rotation(TLS1_2_VERSION, 20);
+	for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		ticket_rotation(cases[i].max_version, cases[i].start);
 }
 
 /* A reload's new server context opens the tickets of the old one. */
@@ -483,8 +490,7 @@ main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_second_connection_resumes),
 		cmocka_unit_test(test_old_context_session_not_offered),
-		cmocka_unit_test(test_ticket_rotation_tls13),
-		cmocka_unit_test(test_ticket_rotation_tls12),
+		cmocka_unit_test(test_ticket_rotation),
 		cmocka_unit_test(test_tickets_survive_reload),
 		cmocka_unit_test(test_failure_class_by_reason),
 		cmocka_unit_test(test_failure_class_plaintext),

@@ -1427,6 +1427,10 @@ cfg_validate(struct cfg_state *st, bool check_files)
 	if (cfg->n_servers == 0)
 		cfg_err(st, cfg_line(st, "servers"), "upstream", "servers",
 		    "at least one server is required");
+	else if (cfg->n_servers > CONFIG_MAX_SERVERS)
+		cfg_err(st, cfg_line(st, "servers"), "upstream", "servers",
+		    "%zu servers: at most %d are supported", cfg->n_servers,
+		    CONFIG_MAX_SERVERS);
 	if (cfg->n_allow_from == 0)
 		cfg_err(st, cfg_line(st, "allow_from"), "shim", "allow_from",
 		    "empty: no client could connect (0.0.0.0/0, ::/0 allows "
@@ -1452,6 +1456,11 @@ cfg_validate(struct cfg_state *st, bool check_files)
 	if (cfg->n_admins == 0)
 		cfg_err(st, 0, NULL, NULL, "no [admin NAME] section: at least "
 		    "one admin account is required");
+	else if (cfg->n_admins > CONFIG_MAX_ADMINS)
+		cfg_err(st, cfg->admins[CONFIG_MAX_ADMINS].line, NULL, NULL,
+		    "[admin %s]: %zu admin accounts: at most %d are supported",
+		    cfg->admins[CONFIG_MAX_ADMINS].name, cfg->n_admins,
+		    CONFIG_MAX_ADMINS);
 	for (i = 0; i < cfg->n_admins; i++) {
 		struct config_admin *ad = &cfg->admins[i];
 

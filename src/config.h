@@ -23,6 +23,12 @@
 /* control_socket's default, also imapshim-ctl's. */
 #define CONFIG_CONTROL_SOCKET "/run/imapshim/control"
 
+/* The most servers and [admin] sections a file may name: the pool and
+ * retry.c keep a request's servers and accounts as 64-bit sets, and the
+ * load refuses more. */
+#define CONFIG_MAX_SERVERS 64
+#define CONFIG_MAX_ADMINS 64
+
 enum config_tls_mode { CFG_TLS_IMPLICIT, CFG_TLS_STARTTLS, CFG_TLS_NONE };
 enum config_pool_mode { CFG_POOL_MULTIPLEX, CFG_POOL_SESSION };
 

@@ -80,23 +80,33 @@ main_print_diag(const struct config_diag *d)
  * Descriptors: one per client, one per upstream session (at most
  * session_budget), and a few more: listeners, the status and console
  * sockets and their connections, log and protocol log files, DNS, the
- * event loop's own.
+ * event loop's own.  The pool keeps its sessions within what the clients
+ * leave of the limit less this (DESIGN 3.3 P13).
  */
 #define MAIN_FD_HEADROOM 64
 
 /*
  * Lift the soft RLIMIT_NOFILE to the hard limit (-t: only say what the
- * start would get), and warn when that cannot hold max_clients: the
- * clients beyond it would be refused at accept (EMFILE) at the worst
- * moment, a platform restart.  Returns the warning, or NULL.
+ * start would get; *limit_r: the soft limit then, 0 for none), and warn
+ * when that cannot hold max_clients beside the sessions the pool may
+ * open: the pool then shrinks to fit (P13) at the worst moment, a
+ * platform restart, and past its floor new clients wait for a descriptor
+ * at accept.  Returns the warning, or NULL.
  */
 static const char *
-main_fd_limit(const struct config *cfg, bool check, char *buf, size_t len)
+main_fd_limit(const struct config *cfg, bool check, uint64_t *limit_r,
+    char *buf, size_t len)
 {
-	uint64_t need = (uint64_t)cfg->max_clients + cfg->session_budget +
-	    MAIN_FD_HEADROOM, was;
+	uint64_t sessions = 0, need, was, lim;
 	struct rlimit rl;
+	size_t i, n;
 
+	*limit_r = 0;
+	for (i = 0; i < cfg->n_admins; i++)
+		sessions += cfg->admins[i].max_sessions;
+	if (sessions > cfg->session_budget)
+		sessions = cfg->session_budget;
+	need = (uint64_t)cfg->max_clients + sessions + MAIN_FD_HEADROOM;
 	if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
 		return NULL;
 	was = rl.rlim_cur;
@@ -109,17 +119,32 @@ main_fd_limit(const struct config *cfg, bool check, char *buf, size_t len)
 			    (unsigned long long)was,
 			    (unsigned long long)rl.rlim_cur);
 	}
-	if (rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= need)
+	if (rl.rlim_cur == RLIM_INFINITY)
 		return NULL;
-	snprintf(buf, len, "the open-file limit is %llu, enough for about "
-	    "%llu clients, not max_clients = %u (it needs %llu: one per "
-	    "client, session_budget = %u, %u more); raise LimitNOFILE= in "
-	    "the systemd unit (or ulimit -n) to at least %llu, or lower "
-	    "max_clients", (unsigned long long)rl.rlim_cur,
-	    (unsigned long long)(rl.rlim_cur > cfg->session_budget +
-	    MAIN_FD_HEADROOM ? rl.rlim_cur - cfg->session_budget -
-	    MAIN_FD_HEADROOM : 0), cfg->max_clients, (unsigned long long)need,
-	    cfg->session_budget, MAIN_FD_HEADROOM, (unsigned long long)need);
+	lim = *limit_r = rl.rlim_cur;
+	if (lim >= need)
+		return NULL;
+	n = (size_t)snprintf(buf, len, "the open-file limit is %llu: about "
+	    "%llu clients fit beside every upstream session, not max_clients "
+	    "= %u (it needs %llu: one per client, %llu sessions "
+	    "(session_budget or the admins' max_sessions), %u more); beyond "
+	    "that the pool shrinks to fit (clients are not refused, sessions "
+	    "are)", (unsigned long long)lim,
+	    (unsigned long long)(lim > sessions + MAIN_FD_HEADROOM ? lim -
+	    sessions - MAIN_FD_HEADROOM : 0), cfg->max_clients,
+	    (unsigned long long)need, (unsigned long long)sessions,
+	    MAIN_FD_HEADROOM);
+	if (n < len && lim < (uint64_t)cfg->max_clients + MAIN_FD_HEADROOM +
+	    POOL_FD_FLOOR)
+		n += (size_t)snprintf(buf + n, len - n, ", to %u sessions at "
+		    "about %llu clients, past which new clients wait for a "
+		    "descriptor", POOL_FD_FLOOR, (unsigned long long)(lim >
+		    MAIN_FD_HEADROOM + POOL_FD_FLOOR ? lim - MAIN_FD_HEADROOM -
+		    POOL_FD_FLOOR : 0));
+	if (n < len)
+		snprintf(buf + n, len - n, "; raise LimitNOFILE= in the systemd "
+		    "unit (or ulimit -n) to at least %llu, or lower max_clients",
+		    (unsigned long long)need);
 	return buf;
 }
 
@@ -437,6 +462,7 @@ main(int argc, char **argv)
 	struct event *sigs[4];
 	const int signums[4] = { SIGHUP, SIGTERM, SIGINT, SIGUSR1 };
 	char err[512];
+	uint64_t fd_limit;
 	bool ok;
 	int ch;
 	size_t i;
@@ -479,7 +505,8 @@ main(int argc, char **argv)
 			config_free(main_cfg);
 			return 1;
 		}
-		if (main_fd_limit(main_cfg, true, err, sizeof(err)) != NULL)
+		if (main_fd_limit(main_cfg, true, &fd_limit, err,
+		    sizeof(err)) != NULL)
 			fprintf(stderr, "%s: warning: %s\n", path, err);
 		printf("%s: configuration is valid\n", path);
 		config_free(main_cfg);
@@ -500,7 +527,7 @@ main(int argc, char **argv)
 	    diag.warnings);
 	if (protolog_open(main_cfg->protocol_log, err, sizeof(err)) != 0)
 		log_fatal("start", "reason=%s", log_v(err));
-	if (main_fd_limit(main_cfg, false, err, sizeof(err)) != NULL)
+	if (main_fd_limit(main_cfg, false, &fd_limit, err, sizeof(err)) != NULL)
 		log_warn("fd_limit_low", "max_clients=%u reason=%s",
 		    main_cfg->max_clients, log_v(err));
 	if (!main_cfg->tls_verify)
@@ -524,6 +551,7 @@ main(int argc, char **argv)
 	client_init(&main_env);
 	pool_default_env(main_base, main_env.dns, main_env.upstream_ctx);
 	pool_init(main_cfg, &pool_default_ops);
+	pool_set_fd_limit(fd_limit, MAIN_FD_HEADROOM);
 	pool_set_pressure(client_pool_pressure);
 	if (listener_start(main_base, main_cfg, err, sizeof(err)) != 0)
 		log_fatal("start", "reason=%s", log_v(err));

@@ -57,7 +57,9 @@ typedef void (*pool_granted_cb)(struct pool_waiter *w, struct upstream *u);
 typedef void (*pool_failed_cb)(struct pool_waiter *w, enum pool_fail why,
     const char *reason);
 
-/* Embedded in the client; the caller fills the first six fields. */
+/* Owned by the caller (the client allocates one per request and frees it
+ * after the pool's answer or pool_cancel()); it fills the first six
+ * fields. */
 struct pool_waiter {
 	char pw_mailbox[IMAPSHIM_MAILBOX_MAX + 1];
 	/* The client's {domain}: used upstream when [upstream] domain is
@@ -70,7 +72,7 @@ struct pool_waiter {
 	 * in a FIFO of its own, and has no queue_timeout (nobody waits for
 	 * its answer; it runs when a session is free). */
 	bool pw_poll;
-	/* private to pool.c */
+	/* private to the pool (pool_int.h) */
 	bool pw_queued;
 	uint64_t pw_since_ms;
 	uint64_t pw_deadline_ms;
@@ -85,7 +87,8 @@ struct pool_waiter {
 	 * in", "the session budget is full" ...); "" if nothing to add. */
 	char pw_explain[160];
 	/* Retries (retry.c), for this pool_acquire() only.  Bit i stands
-	 * for index i of cfg->servers / cfg->admins (up to 64). */
+	 * for index i of cfg->servers / cfg->admins (CONFIG_MAX_SERVERS,
+	 * CONFIG_MAX_ADMINS: at most 64 each). */
 	unsigned pw_attempts;		/* logins started for it */
 	uint64_t pw_servers_failed;	/* servers that failed it (RETRY_SERVER) */
 	uint64_t pw_admins_tried;	/* admins a login was started with */
@@ -151,7 +154,7 @@ void pool_shutdown(void);
  * Queue w for a session of w->pw_mailbox.  Never calls back synchronously.
  * A mailbox in retry.c's negative cache fails with POOL_FAIL_AUTH (from
  * the next tick).  Failed logins are retried per DESIGN.md 3.5 (see
- * pool_login_failed in pool.c): w fails with POOL_FAIL_UNAVAILABLE when
+ * pool_login_failed in pool_attr.c): w fails with POOL_FAIL_UNAVAILABLE when
  * every server failed for it or every server is down; with
  * POOL_FAIL_REFUSED when login_attempts refusals are spent and the
  * mailbox is not shown to be at fault; with POOL_FAIL_AUTH when every
@@ -185,9 +188,35 @@ void pool_note_parkable(void);
 /* Timers: queue timeouts, idle retirement, token refill. */
 void pool_tick(void);
 
+/*
+ * Descriptors (DESIGN 3.3 P13): upstream sessions and client connections
+ * share one open-file limit, and a client must never be refused at accept
+ * because the pool holds idle upstream sockets.  The budget the pool
+ * applies is pool_budget_fit() of session_budget, the admins' max_sessions
+ * added up, and the descriptors left: limit - reserve - clients.
+ *
+ * pool_set_fd_limit(): the soft RLIMIT_NOFILE (0: none, the default) and
+ * the descriptors kept for everything else (listeners, status, console,
+ * DNS, log files).  pool_set_clients(): the client connections open now,
+ * from their owner, at every change.  When the budget falls below the
+ * sessions open, idle ones are logged out (LRU first) and busy ones as
+ * they come back; logins wait in the queue as when the budget is full.
+ */
+void pool_set_fd_limit(uint64_t limit, unsigned reserve);
+void pool_set_clients(unsigned clients);
+/* Never fewer sessions than this for want of descriptors (unless a budget
+ * is lower): a nearly full appliance still serves, and the few it takes
+ * come out of a reserve sized for the worst case. */
+#define POOL_FD_FLOOR 8
+/* min(session_budget, admin_max, max(limit - reserve - clients,
+ * POOL_FD_FLOOR)); limit 0: no limit. */
+unsigned pool_budget_fit(unsigned session_budget, uint64_t admin_max,
+    uint64_t limit, unsigned reserve, unsigned clients);
+
 /* Counters for status and tests. */
 struct pool_stats {
 	unsigned sessions;		/* all upstream sessions, any state */
+	unsigned effective_budget;	/* the budget applied (P13) */
 	unsigned connecting;		/* connect, TLS, login */
 	unsigned idle;			/* in the pool */
 	unsigned leased;
@@ -230,7 +259,7 @@ extern const char *const pool_state_names[];
  * keep working.  pool_pause(false) serves the queue at once.
  *
  * pool_server_drain(i, true): no new login on server i (index into
- * cfg->servers, below 64); its idle sessions are logged out now, the
+ * cfg->servers); its idle sessions are logged out now, the
  * others when their lessee releases them, so clients move to the other
  * servers as their sessions become free.  While every server is drained
  * logins wait as if paused.  false: enabled again.  Returns 0, or -1 for

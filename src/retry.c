@@ -469,7 +469,8 @@ retry_server_pick(uint64_t now_ms, size_t skip)
 static bool
 avoided(size_t i, uint64_t avoid)
 {
-	return i < 64 && (avoid & ((uint64_t)1 << i)) != 0;
+	IMAPSHIM_ASSERT(i < CONFIG_MAX_SERVERS);
+	return (avoid & ((uint64_t)1 << i)) != 0;
 }
 
 size_t
@@ -656,10 +657,15 @@ mb_key_hash(const char *domain, const char *mailbox)
 	return h & 0x7fffffffu;		/* never an anonymous key */
 }
 
+/* Bit admin of a set of accounts; (size_t)-1 (an account a reload
+ * removed) is in none. */
 static uint64_t
 admin_bit(size_t admin)
 {
-	return admin < 64 ? (uint64_t)1 << admin : 0;
+	if (admin == (size_t)-1)
+		return 0;
+	IMAPSHIM_ASSERT(admin < CONFIG_MAX_ADMINS);
+	return (uint64_t)1 << admin;
 }
 
 /* Note that admin refused mailbox h. */
@@ -712,13 +718,13 @@ mbset_admins(const struct retry_mbset *s)
 	return m;
 }
 
-/* Every configured account (up to 64) is in mask. */
+/* Every configured account is in mask. */
 static bool
 all_admins_in(uint64_t mask)
 {
 	size_t j;
 
-	for (j = 0; j < R.n_admins && j < 64; j++)
+	for (j = 0; j < R.n_admins; j++)
 		if ((mask & admin_bit(j)) == 0)
 			return false;
 	return R.n_admins > 0;

@@ -66,9 +66,9 @@ void retry_configure(const struct config *cfg);
  * just failed), or (size_t)-1. */
 size_t retry_server_pick(uint64_t now_ms, size_t skip);
 /* Addition: the first server in list order that is up and whose bit is
- * not set in avoid (bit i = server i; servers from index 64 on cannot be
- * avoided), else such a server whose cooldown has ended (a probe), else
- * (size_t)-1: none of the others is usable at now.
+ * not set in avoid (bit i = server i), else such a server whose cooldown
+ * has ended (a probe), else (size_t)-1: none of the others is usable at
+ * now.
  * Both pickers start a probe when they return a down server whose
  * cooldown has ended: until that probe reports (retry_server_ok or
  * retry_server_failed) or another server_cooldown passes, the server is
@@ -140,7 +140,7 @@ bool retry_all_servers_down(uint64_t now_ms);
  * starts; the first successful login ends it (retry_login_slowdown_end).
  *
  * The mailbox: when every account refused one mailbox and the pool has
- * evidence that the accounts and Exchange work (pool.c, DESIGN 3.5 R5),
+ * evidence that the accounts and Exchange work (pool_attr.c, DESIGN 3.5 R5),
  * retry_mailbox_at_fault() takes its refusals back out of every
  * account's run and Exchange's: a mailbox polled for ever never
  * quarantines an account nor slows the site down.

@@ -80,6 +80,9 @@
 /* The states that always have a series per admin and server. */
 static const char *const status_base_states[] = { "login", "idle", "leased" };
 
+/* The label values of stats' tls_handshakes[2] pairs: [0] full, [1] resumed. */
+static const char *const status_resumed[2] = { "no", "yes" };
+
 static struct evhttp *st_http;
 static const struct config *st_cfg;
 static uint64_t st_started_ms;
@@ -246,6 +249,20 @@ prom_u64(struct evbuffer *out, const char *name, const char *key,
 
 	prom_sample(out, name, &key, &val, key != NULL ? 1 : 0,
 	    fmt_u64(num, sizeof(num), v));
+}
+
+/* A family with one sample per name of an enum, every one (0 included):
+ * name{key="names[i]"} vals[i]. */
+static void
+prom_enum(struct evbuffer *out, const char *name, const char *type,
+    const char *help, const char *key, const char *const *names,
+    const uint64_t *vals, size_t n)
+{
+	size_t i;
+
+	prom_family(out, name, type, help);
+	for (i = 0; i < n; i++)
+		prom_u64(out, name, key, names[i], vals[i]);
 }
 
 /* One histogram series: cumulative buckets in seconds, +Inf == _count. */
@@ -443,14 +460,15 @@ static void
 metrics_clients(struct evbuffer *out, const struct stats_snapshot *s)
 {
 	unsigned counts[CLIENT_KIND_COUNT];
+	uint64_t kinds[CLIENT_KIND_COUNT], allocs[UTIL_ALLOC_COUNT];
 	size_t i;
 
 	client_counts(counts);
-	prom_family(out, "imapshim_clients", "gauge",
-	    "Client sessions by state (closing ones excluded).");
 	for (i = 0; i < CLIENT_KIND_COUNT; i++)
-		prom_u64(out, "imapshim_clients", "state", client_kind_names[i],
-		    counts[i]);
+		kinds[i] = counts[i];
+	prom_enum(out, "imapshim_clients", "gauge",
+	    "Client sessions by state (closing ones excluded).", "state",
+	    client_kind_names, kinds, CLIENT_KIND_COUNT);
 	prom_family(out, "imapshim_clients_refused_total", "counter",
 	    "Client connections closed at accept (allow_from, max_clients).");
 	prom_u64(out, "imapshim_clients_refused_total", NULL, NULL,
@@ -459,12 +477,11 @@ metrics_clients(struct evbuffer *out, const struct stats_snapshot *s)
 	    "Heap memory in use (sessions, TLS state, buffers).");
 	prom_u64(out, "imapshim_heap_in_use_bytes", NULL, NULL,
 	    util_heap_in_use());
-	prom_family(out, "imapshim_heap_allocations_total", "counter",
-	    "Heap allocation calls by imapshim's own code, libevent and "
-	    "OpenSSL.");
 	for (i = 0; i < UTIL_ALLOC_COUNT; i++)
-		prom_u64(out, "imapshim_heap_allocations_total", "by",
-		    util_alloc_by_names[i], util_allocations(i));
+		allocs[i] = util_allocations(i);
+	prom_enum(out, "imapshim_heap_allocations_total", "counter",
+	    "Heap allocation calls by imapshim's own code, libevent and "
+	    "OpenSSL.", "by", util_alloc_by_names, allocs, UTIL_ALLOC_COUNT);
 }
 
 static void
@@ -500,26 +517,77 @@ metrics_sessions(struct evbuffer *out, const struct st_agg *a)
 	}
 }
 
+/* The configured things that have a series each: what labels them. */
+enum item_kind { ITEM_ADMIN, ITEM_SERVER };
+static const char *const item_keys[] = { "admin", "server" };
+
+/* One per-item gauge or counter: its value for item i at now. */
+struct item_metric {
+	const char *im_name;
+	const char *im_type;
+	const char *im_help;
+	uint64_t (*im_value)(const struct config *cfg, size_t i, uint64_t now);
+};
+
+/* The families m[0..nm-1], each with one sample per configured item. */
+static void
+metrics_items(struct evbuffer *out, const struct config *cfg, uint64_t now,
+    enum item_kind kind, const struct item_metric *m, size_t nm)
+{
+	size_t n = 0, i;
+	char srv[300];
+
+	if (cfg != NULL)
+		n = kind == ITEM_ADMIN ? cfg->n_admins : cfg->n_servers;
+	for (; nm > 0; m++, nm--) {
+		prom_family(out, m->im_name, m->im_type, m->im_help);
+		for (i = 0; i < n; i++)
+			prom_u64(out, m->im_name, item_keys[kind],
+			    kind == ITEM_ADMIN ? cfg->admins[i].name :
+			    addr_endpoint_str(&cfg->servers[i], srv, sizeof(srv)),
+			    m->im_value(cfg, i, now));
+	}
+}
+
+static uint64_t
+ad_max_sessions(const struct config *cfg, size_t i, uint64_t now)
+{
+	(void)now;
+	return cfg->admins[i].max_sessions;
+}
+
+static uint64_t
+ad_sessions(const struct config *cfg, size_t i, uint64_t now)
+{
+	(void)cfg;
+	(void)now;
+	return pool_admin_sessions(i);
+}
+
+static uint64_t
+ad_quarantined(const struct config *cfg, size_t i, uint64_t now)
+{
+	(void)cfg;
+	return retry_admin_quarantined(i, now) ? 1 : 0;
+}
+
+static const struct item_metric admin_metrics[] = {
+	{ "imapshim_admin_max_sessions", "gauge",
+	  "Most upstream sessions an admin account may hold (max_sessions).",
+	  ad_max_sessions },
+	{ "imapshim_admin_sessions", "gauge",
+	  "Upstream sessions counted against an admin account, any state.",
+	  ad_sessions },
+	{ "imapshim_admin_quarantined", "gauge",
+	  "1 while an admin account is quarantined by the lockout guard.",
+	  ad_quarantined },
+};
+
 static void
 metrics_admins(struct evbuffer *out, const struct config *cfg, uint64_t now)
 {
-	size_t i;
-
-	prom_family(out, "imapshim_admin_max_sessions", "gauge",
-	    "Most upstream sessions an admin account may hold (max_sessions).");
-	for (i = 0; cfg != NULL && i < cfg->n_admins; i++)
-		prom_u64(out, "imapshim_admin_max_sessions", "admin",
-		    cfg->admins[i].name, cfg->admins[i].max_sessions);
-	prom_family(out, "imapshim_admin_sessions", "gauge",
-	    "Upstream sessions counted against an admin account, any state.");
-	for (i = 0; cfg != NULL && i < cfg->n_admins; i++)
-		prom_u64(out, "imapshim_admin_sessions", "admin",
-		    cfg->admins[i].name, pool_admin_sessions(i));
-	prom_family(out, "imapshim_admin_quarantined", "gauge",
-	    "1 while an admin account is quarantined by the lockout guard.");
-	for (i = 0; cfg != NULL && i < cfg->n_admins; i++)
-		prom_u64(out, "imapshim_admin_quarantined", "admin",
-		    cfg->admins[i].name, retry_admin_quarantined(i, now) ? 1 : 0);
+	metrics_items(out, cfg, now, ITEM_ADMIN, admin_metrics,
+	    nitems(admin_metrics));
 	prom_family(out, "imapshim_login_slowdown", "gauge",
 	    "1 while new logins are slowed down because Exchange refuses "
 	    "different mailboxes with every admin account.");
@@ -533,49 +601,46 @@ metrics_admins(struct evbuffer *out, const struct config *cfg, uint64_t now)
 	    retry_negcache_size());
 }
 
-/* One per-server gauge or counter: its value for server i at now. */
-struct server_metric {
-	const char *sm_name;
-	const char *sm_type;
-	const char *sm_help;
-	uint64_t (*sm_value)(size_t i, uint64_t now);
-};
-
 static uint64_t
-sv_up(size_t i, uint64_t now)
+sv_up(const struct config *cfg, size_t i, uint64_t now)
 {
+	(void)cfg;
 	return retry_server_up(i, now) ? 1 : 0;
 }
 
 static uint64_t
-sv_failures(size_t i, uint64_t now)
+sv_failures(const struct config *cfg, size_t i, uint64_t now)
 {
+	(void)cfg;
 	(void)now;
 	return retry_server_failures(i);
 }
 
 static uint64_t
-sv_overloads(size_t i, uint64_t now)
+sv_overloads(const struct config *cfg, size_t i, uint64_t now)
 {
+	(void)cfg;
 	(void)now;
 	return retry_server_overloads(i);
 }
 
 static uint64_t
-sv_limit(size_t i, uint64_t now)
+sv_limit(const struct config *cfg, size_t i, uint64_t now)
 {
+	(void)cfg;
 	(void)now;
 	return retry_server_limit(i);
 }
 
 static uint64_t
-sv_draining(size_t i, uint64_t now)
+sv_draining(const struct config *cfg, size_t i, uint64_t now)
 {
+	(void)cfg;
 	(void)now;
 	return pool_server_draining(i) ? 1 : 0;
 }
 
-static const struct server_metric server_metrics[] = {
+static const struct item_metric server_metrics[] = {
 	{ "imapshim_server_up", "gauge",
 	  "1 when an upstream server is usable, 0 while it is marked down.",
 	  sv_up },
@@ -596,18 +661,8 @@ static const struct server_metric server_metrics[] = {
 static void
 metrics_servers(struct evbuffer *out, const struct config *cfg, uint64_t now)
 {
-	const struct server_metric *m;
-	char srv[300];
-	size_t i;
-
-	for (m = server_metrics; m < server_metrics + nitems(server_metrics);
-	    m++) {
-		prom_family(out, m->sm_name, m->sm_type, m->sm_help);
-		for (i = 0; cfg != NULL && i < cfg->n_servers; i++)
-			prom_u64(out, m->sm_name, "server",
-			    addr_endpoint_str(&cfg->servers[i], srv,
-			    sizeof(srv)), m->sm_value(i, now));
-	}
+	metrics_items(out, cfg, now, ITEM_SERVER, server_metrics,
+	    nitems(server_metrics));
 	prom_family(out, "imapshim_paused", "gauge",
 	    "1 while an operator has paused new upstream logins "
 	    "(imapshim-ctl pause).");
@@ -626,23 +681,18 @@ metrics_tls_auth(struct evbuffer *out, const struct config *cfg,
 	int64_t na;
 	size_t i;
 
-	prom_family(out, "imapshim_client_tls_handshakes_total", "counter",
+	prom_enum(out, "imapshim_client_tls_handshakes_total", "counter",
 	    "Completed client TLS handshakes, full or resumed (session ticket "
-	    "or session ID).");
-	prom_u64(out, "imapshim_client_tls_handshakes_total", "resumed", "no",
-	    s->client_tls_handshakes[0]);
-	prom_u64(out, "imapshim_client_tls_handshakes_total", "resumed", "yes",
-	    s->client_tls_handshakes[1]);
-	prom_family(out, "imapshim_client_tls_failures_total", "counter",
-	    "Client TLS handshakes that failed, by reason.");
-	for (i = 0; i < STATS_TLS_FAIL_COUNT; i++)
-		prom_u64(out, "imapshim_client_tls_failures_total", "reason",
-		    stats_tls_failure_names[i], s->client_tls_failures[i]);
-	prom_family(out, "imapshim_client_auth_failures_total", "counter",
-	    "Client logins refused by imapshim itself, by reason.");
-	for (i = 0; i < STATS_AUTH_FAIL_COUNT; i++)
-		prom_u64(out, "imapshim_client_auth_failures_total", "reason",
-		    stats_auth_failure_names[i], s->client_auth_failures[i]);
+	    "or session ID).", "resumed", status_resumed,
+	    s->client_tls_handshakes, nitems(status_resumed));
+	prom_enum(out, "imapshim_client_tls_failures_total", "counter",
+	    "Client TLS handshakes that failed, by reason.", "reason",
+	    stats_tls_failure_names, s->client_tls_failures,
+	    STATS_TLS_FAIL_COUNT);
+	prom_enum(out, "imapshim_client_auth_failures_total", "counter",
+	    "Client logins refused by imapshim itself, by reason.", "reason",
+	    stats_auth_failure_names, s->client_auth_failures,
+	    STATS_AUTH_FAIL_COUNT);
 	prom_family(out, "imapshim_tls_certificate_expiry_timestamp_seconds",
 	    "gauge", "Unix time when a certificate expires: side=\"client\" "
 	    "the one clients see, side=\"upstream\" each server's as its last "
@@ -669,30 +719,22 @@ metrics_counters(struct evbuffer *out, const struct stats_snapshot *s)
 	char name[64];
 	size_t i;
 
-	prom_family(out, "imapshim_upstream_logins_total", "counter",
+	prom_enum(out, "imapshim_upstream_logins_total", "counter",
 	    "Upstream LOGINs by result (ok, refused by the server, error "
-	    "before an answer).");
-	for (i = 0; i < STATS_LOGIN_COUNT; i++)
-		prom_u64(out, "imapshim_upstream_logins_total", "result",
-		    stats_login_result_names[i], s->logins[i]);
-	prom_family(out, "imapshim_upstream_tls_handshakes_total", "counter",
+	    "before an answer).", "result", stats_login_result_names,
+	    s->logins, STATS_LOGIN_COUNT);
+	prom_enum(out, "imapshim_upstream_tls_handshakes_total", "counter",
 	    "Completed upstream TLS handshakes, full or resumed from a cached "
-	    "session.");
-	prom_u64(out, "imapshim_upstream_tls_handshakes_total", "resumed", "no",
-	    s->tls_handshakes[0]);
-	prom_u64(out, "imapshim_upstream_tls_handshakes_total", "resumed", "yes",
-	    s->tls_handshakes[1]);
-	prom_family(out, "imapshim_login_retries_total", "counter",
-	    "Upstream login retries by the failure that caused them.");
-	for (i = 0; i < STATS_RETRY_COUNT; i++)
-		prom_u64(out, "imapshim_login_retries_total", "reason",
-		    stats_retry_reason_names[i], s->retries[i]);
-	prom_family(out, "imapshim_login_failures_total", "counter",
+	    "session.", "resumed", status_resumed, s->tls_handshakes,
+	    nitems(status_resumed));
+	prom_enum(out, "imapshim_login_retries_total", "counter",
+	    "Upstream login retries by the failure that caused them.", "reason",
+	    stats_retry_reason_names, s->retries, STATS_RETRY_COUNT);
+	prom_enum(out, "imapshim_login_failures_total", "counter",
 	    "Failed upstream logins by what they were charged to: the "
-	    "mailbox, the admin account, the server or Exchange as a whole.");
-	for (i = 0; i < STATS_ATTR_COUNT; i++)
-		prom_u64(out, "imapshim_login_failures_total", "attribution",
-		    stats_attribution_names[i], s->login_failures[i]);
+	    "mailbox, the admin account, the server or Exchange as a whole.",
+	    "attribution", stats_attribution_names, s->login_failures,
+	    STATS_ATTR_COUNT);
 	prom_family(out, "imapshim_pool_reuse_total", "counter",
 	    "Clients served by a pooled upstream session without a new LOGIN.");
 	prom_u64(out, "imapshim_pool_reuse_total", NULL, NULL, s->pool_reuse);
@@ -726,8 +768,6 @@ metrics_counters(struct evbuffer *out, const struct stats_snapshot *s)
 static void
 metrics_reload(struct evbuffer *out, const struct stats_snapshot *s)
 {
-	size_t i;
-
 	prom_family(out, "imapshim_last_reload_success", "gauge",
 	    "1 when the last reload took effect (or none was tried since the "
 	    "start), 0 when it was rejected and the old settings stayed.");
@@ -737,11 +777,9 @@ metrics_reload(struct evbuffer *out, const struct stats_snapshot *s)
 	    "Unix time of the last reload attempt (the start time before any).");
 	prom_u64(out, "imapshim_last_reload_timestamp_seconds", NULL, NULL,
 	    (uint64_t)s->last_reload_unix_s);
-	prom_family(out, "imapshim_reloads_total", "counter",
-	    "Reloads (SIGHUP, the console's reload) by result.");
-	for (i = 0; i < STATS_RELOAD_COUNT; i++)
-		prom_u64(out, "imapshim_reloads_total", "result",
-		    stats_reload_result_names[i], s->reloads[i]);
+	prom_enum(out, "imapshim_reloads_total", "counter",
+	    "Reloads (SIGHUP, the console's reload) by result.", "result",
+	    stats_reload_result_names, s->reloads, STATS_RELOAD_COUNT);
 }
 
 /* Parked IDLE clients' polls (DESIGN 3.4 M10): the polls waiting, how
@@ -806,6 +844,11 @@ status_metrics(struct evbuffer *out)
 	prom_family(out, "imapshim_session_budget_used", "gauge",
 	    "Upstream sessions counted against the budget, any state.");
 	prom_u64(out, "imapshim_session_budget_used", NULL, NULL, ps.sessions);
+	prom_family(out, "imapshim_pool_effective_budget", "gauge",
+	    "Most upstream sessions the pool may hold now: session_budget, "
+	    "the admins' max_sessions and the descriptors clients leave.");
+	prom_u64(out, "imapshim_pool_effective_budget", NULL, NULL,
+	    ps.effective_budget);
 	metrics_sessions(out, &agg);
 	metrics_admins(out, cfg, now);
 	metrics_servers(out, cfg, now);
@@ -980,9 +1023,10 @@ status_json(struct evbuffer *out)
 		json_str(out, cfg->pool_mode == CFG_POOL_SESSION ? "session" :
 		    "multiplex");
 	evbuffer_add_printf(out, ",\"paused\":%s,\"budget\":{\"total\":%u,"
-	    "\"used\":%u,\"free\":%u}", pool_is_paused() ? "true" : "false",
-	    budget, ps.sessions,
-	    budget > ps.sessions ? budget - ps.sessions : 0);
+	    "\"used\":%u,\"free\":%u,\"effective\":%u}", pool_is_paused() ?
+	    "true" : "false", budget, ps.sessions,
+	    budget > ps.sessions ? budget - ps.sessions : 0,
+	    ps.effective_budget);
 	evbuffer_add_printf(out, ",\"queue\":{\"length\":%u,"
 	    "\"oldest_wait_seconds\":%s}", ps.waiters,
 	    fmt_fixed(num, sizeof(num), ps.oldest_wait_ms, 3));

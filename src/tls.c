@@ -10,6 +10,7 @@
 #include <time.h>
 
 #include "addr.h"
+#include "config.h"
 #include "log.h"
 
 /*
@@ -36,7 +37,7 @@ struct tls_peek {
  * handshake (and its certificate verification and key exchange).  A
  * handful of servers: a small table searched linearly.
  */
-#define TLS_RESUME_MAX 64
+#define TLS_RESUME_MAX CONFIG_MAX_SERVERS
 
 struct tls_resume {
 	char key[300];
@@ -662,11 +663,11 @@ const char *const tls_side_names[TLS_SIDE_COUNT] = { "client", "upstream" };
 /*
  * The certificates in use: the client-facing one and, per server, the one
  * its last handshake showed.  A handful: a small table searched linearly
- * (like the resumption table; servers past TLS_CERT_MAX have no expiry
- * metric).  An entry outlives a server removed by a reload: /metrics shows
- * only the configured ones.
+ * (like the resumption table).  An entry outlives a server removed by a
+ * reload (/metrics shows only the configured ones): once the table is
+ * full, a server a reload added has no expiry metric.
  */
-#define TLS_CERT_MAX (TLS_RESUME_MAX + 1)
+#define TLS_CERT_MAX (CONFIG_MAX_SERVERS + 1)	/* and the client side */
 
 struct tls_cert {
 	enum tls_side side;

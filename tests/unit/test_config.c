@@ -632,6 +632,46 @@ test_no_servers_no_admin(void **state)
 	expect_err(fx, 2, "[upstream] servers: at least one server");
 }
 
+/* n servers (continuation lines of 4) and n_admins [admin] sections. */
+static struct config *
+load_many(struct fx *fx, size_t n, size_t n_admins)
+{
+	static char text[16384];
+	size_t i, len;
+
+	len = (size_t)snprintf(text, sizeof(text), "[upstream]\nservers =");
+	for (i = 0; i < n; i++)
+		len += (size_t)snprintf(text + len, sizeof(text) - len, "%s"
+		    "cas%zu.example.com:993%s", i % 4 == 0 ? "\n  " : " ", i,
+		    i + 1 < n ? "," : "");
+	len += (size_t)snprintf(text + len, sizeof(text) - len, "\n");
+	for (i = 0; i < n_admins; i++)
+		len += (size_t)snprintf(text + len, sizeof(text) - len,
+		    "[admin A%zu]\npassword = s3cret\n", i);
+	assert_true(len < sizeof(text));
+	return load(fx, text, false);
+}
+
+/* The servers and admin accounts a request's 64-bit sets can name. */
+static void
+test_max_servers_admins(void **state)
+{
+	struct fx *fx = *state;
+
+	assert_non_null(load_many(fx, CONFIG_MAX_SERVERS, CONFIG_MAX_ADMINS));
+	assert_int_equal(fx->cfg->n_servers, CONFIG_MAX_SERVERS);
+	assert_int_equal(fx->cfg->n_admins, CONFIG_MAX_ADMINS);
+
+	load_many(fx, CONFIG_MAX_SERVERS + 1, 1);
+	expect_err(fx, 2, "[upstream] servers: 65 servers: at most 64 are "
+	    "supported");
+
+	/* Three lines of [upstream], then two per [admin]. */
+	load_many(fx, 1, CONFIG_MAX_ADMINS + 1);
+	expect_err(fx, 4 + 2 * CONFIG_MAX_ADMINS, "[admin A64]: 65 admin "
+	    "accounts: at most 64 are supported");
+}
+
 static void
 test_listeners(void **state)
 {
@@ -1045,6 +1085,7 @@ main(void)
 		T(test_syntax_errors),
 		T(test_line_too_long),
 		T(test_no_servers_no_admin),
+		T(test_max_servers_admins),
 		T(test_listeners),
 		T(test_admins),
 		T(test_inline_password_semicolon),

@@ -50,6 +50,7 @@ static uint64_t fnow;
 static uint64_t fsched;
 static bool in_api;
 static bool open_returns_null;
+static unsigned open_cap;	/* 0, or: no open with this many alive */
 
 #define U(i) ((struct upstream *)&F[i])
 
@@ -90,6 +91,7 @@ fake_open(const struct config *cfg, size_t admin, size_t server,
 		}
 	assert_true(live < cfg->session_budget);
 	assert_true(per < cfg->admins[admin].max_sessions);
+	assert_true(open_cap == 0 || live < open_cap);
 	if (open_returns_null)
 		return NULL;
 	assert_true(nf < MAXF);
@@ -429,6 +431,7 @@ setup(void **state)
 	fsched = UINT64_MAX;
 	in_api = false;
 	open_returns_null = false;
+	open_cap = 0;
 	grant_seq = 0;
 	release_on_grant = NULL;
 	pool_init(&C, &fops);
@@ -1876,6 +1879,123 @@ test_reload_lowers_budget(void **state)
 	check_budget();
 }
 
+/* DESIGN 3.3 P13: the budget the descriptors leave. */
+static void
+test_budget_fit(void **state)
+{
+	(void)state;
+	/* No limit: session_budget or the admins' max_sessions added up. */
+	assert_int_equal(pool_budget_fit(2048, 16, 0, 64, 19000), 16);
+	assert_int_equal(pool_budget_fit(2048, 4096, 0, 64, 19000), 2048);
+	/* 20,000 descriptors, 64 kept for the rest: up to 17,888 clients
+	 * leave the whole budget, 19,000 leave 936 sessions. */
+	assert_int_equal(pool_budget_fit(2048, 2048, 20000, 64, 17888), 2048);
+	assert_int_equal(pool_budget_fit(2048, 2048, 20000, 64, 17889), 2047);
+	assert_int_equal(pool_budget_fit(2048, 2048, 20000, 64, 19000), 936);
+	/* Nearly full or over: the floor, unless a budget is lower. */
+	assert_int_equal(pool_budget_fit(2048, 2048, 20000, 64, 19930),
+	    POOL_FD_FLOOR);
+	assert_int_equal(pool_budget_fit(2048, 2048, 20000, 64, 30000),
+	    POOL_FD_FLOOR);
+	assert_int_equal(pool_budget_fit(2048, 2048, 50, 64, 0), POOL_FD_FLOOR);
+	assert_int_equal(pool_budget_fit(3, 2048, 20000, 64, 19999), 3);
+	assert_int_equal(pool_budget_fit(2048, 2, 20000, 64, 19999), 2);
+	/* A limit past 32 bits. */
+	assert_int_equal(pool_budget_fit(2048, 2048, (uint64_t)1 << 40, 64,
+	    19000), 2048);
+}
+
+static void
+set_clients(unsigned n)
+{
+	in_api = true;
+	pool_set_clients(n);
+	in_api = false;
+	run();
+}
+
+/* Clients take descriptors: idle sessions beyond what is left are logged
+ * out (LRU first), waiters wait (no eviction beyond it, no failure), and
+ * the whole budget comes back when the clients leave. */
+static void
+test_fd_limit_shrinks_pool(void **state)
+{
+	static struct tclient cl[20], d, e;
+	struct pool_stats st;
+	char mb[8];
+	int i;
+
+	(void)state;
+	set_admins(&C, admins, 4);		/* 4 x 5 = 20 */
+	C.session_budget = 20;
+	reinit();
+	pool_set_fd_limit(200, 64);		/* 136 for clients and sessions */
+	pool_get_stats(&st);
+	assert_int_equal(st.effective_budget, 20);
+	for (i = 0; i < 20; i++) {
+		snprintf(mb, sizeof(mb), "m%d", i);
+		acq(&cl[i], mb);
+	}
+	run();
+	assert_int_equal(nf, 20);
+	for (i = 0; i < 20; i++)
+		fready(i);
+	for (i = 0; i < 16; i++)		/* idle, LRU first: 0 .. 15 */
+		rel(&cl[i], POOL_RELEASE_CLEAN);
+
+	set_clients(124);			/* 12 left */
+	pool_get_stats(&st);
+	assert_int_equal(st.effective_budget, 12);
+	for (i = 0; i < 20; i++) {
+		assert_int_equal(F[i].closed, i < 8);
+		if (i < 8)
+			assert_string_equal(F[i].close_reason, "over-budget");
+	}
+	open_cap = 12;
+	/* A new mailbox waits: closing sessions free no room while the rest
+	 * fill the budget, so only one idle session makes way for it. */
+	acq(&d, "new-d");
+	run();
+	assert_int_equal(nf, 20);
+	assert_true(F[8].closed);
+	assert_false(F[9].closed);
+	for (i = 0; i < 8; i++)
+		ffree(i);
+	assert_int_equal(nf, 20);		/* 12 alive: still full */
+	ffree(8);
+	assert_int_equal(nf, 21);
+	fready(20);
+	assert_int_equal(d.granted, 1);
+	assert_int_equal(d.failed, 0);
+	check_budget();
+
+	/* Past the floor: POOL_FD_FLOOR sessions remain. */
+	set_clients(1000);
+	pool_get_stats(&st);
+	assert_int_equal(st.effective_budget, POOL_FD_FLOOR);
+	for (i = 9; i < 13; i++)		/* 12 alive - 8: 4 idle, LRU */
+		assert_true(F[i].closed);
+	for (i = 13; i < 16; i++)
+		assert_false(F[i].closed);
+	for (i = 9; i < 13; i++)
+		ffree(i);
+	check_budget();
+
+	/* The clients leave: the whole budget again, no eviction needed. */
+	open_cap = 0;
+	set_clients(0);
+	pool_get_stats(&st);
+	assert_int_equal(st.effective_budget, 20);
+	acq(&e, "new-e");
+	run();
+	assert_int_equal(nf, 22);
+	for (i = 13; i < 16; i++)
+		assert_false(F[i].closed);
+	fready(21);
+	assert_int_equal(e.granted, 1);
+	check_budget();
+}
+
 static void
 test_reload_admin_removed(void **state)
 {
@@ -2368,6 +2488,9 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_reload_reorders_servers, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reload_raises_budget, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reload_lowers_budget, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_budget_fit, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_fd_limit_shrinks_pool, setup,
+		    teardown),
 		cmocka_unit_test_setup_teardown(test_reload_admin_removed, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_cancel, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_forget_lost, setup, teardown),

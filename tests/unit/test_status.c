@@ -239,6 +239,7 @@ setup(void **state)
 	fake_ps.connecting = 1;
 	fake_ps.waiters = 3;
 	fake_ps.oldest_wait_ms = 1250;
+	fake_ps.effective_budget = 23;	/* 16 + 7 max_sessions */
 	fake_clients[CLIENT_UNAUTHENTICATED] = 2;
 	fake_clients[CLIENT_ATTACHED] = 1;
 	fake_clients[CLIENT_PARKED] = 5;
@@ -854,6 +855,7 @@ test_metrics_values(void **state)
 	assert_true(pm_get("imapshim_clients", "state=\"parked\"", NULL) == 5);
 	assert_true(pm_get("imapshim_clients", "state=\"waiting\"", NULL) == 3);
 	assert_true(pm_get("imapshim_session_budget", "", NULL) == 100);
+	assert_true(pm_get("imapshim_pool_effective_budget", "", NULL) == 23);
 	assert_true(pm_get("imapshim_queue_length", "", NULL) == 3);
 	assert_true(pm_get("imapshim_queue_oldest_wait_seconds", "", NULL) == 1.25);
 	assert_true(pm_get("imapshim_upstream_logins_total", "result=\"ok\"", NULL) == 3);
@@ -1051,7 +1053,8 @@ test_json(void **state)
 	assert_json(j);
 	assert_contains(j, "{\"version\":\"" PACKAGE_VERSION "\",\"uptime_seconds\":");
 	assert_contains(j, "\"mode\":\"multiplex\"");
-	assert_contains(j, "\"budget\":{\"total\":100,\"used\":6,\"free\":94}");
+	assert_contains(j, "\"budget\":{\"total\":100,\"used\":6,\"free\":94,"
+	    "\"effective\":23}");
 	assert_contains(j, "\"queue\":{\"length\":3,\"oldest_wait_seconds\":1.25}");
 	assert_contains(j, "\"clients\":{\"unauthenticated\":2,\"attached\":1,"
 	    "\"parked\":5,\"waiting\":3}");
@@ -1089,7 +1092,7 @@ test_json(void **state)
 	assert_contains(j, "{\"server\":\"cas1.example.com:993\",\"up\":true,"
 	    "\"draining\":true,");
 	assert_contains(j, "\"mode\":\"session\"");
-	assert_contains(j, "\"budget\":{\"total\":4,\"used\":6,\"free\":0}");
+	assert_contains(j, "\"budget\":{\"total\":4,\"used\":6,\"free\":0,");
 	free(j);
 }
 

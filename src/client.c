@@ -271,6 +271,7 @@ cl_free(void *obj)
 	cl_stage_forget(c);
 	TAILQ_REMOVE(&cl_all, c, cl_link);
 	cl_count--;
+	pool_set_clients(cl_count);	/* its descriptor closes below */
 	cl_state_counts[c->cl_state]--;
 	if (c->cl_bev != NULL) {
 		tls_close_notify(c->cl_ssl);
@@ -281,6 +282,8 @@ cl_free(void *obj)
 	if (c->cl_cmd != NULL)
 		evbuffer_free(c->cl_cmd);
 	cl_ring_clear(&c->cl_ring);
+	IMAPSHIM_ASSERT(c->cl_waiter == NULL);	/* ended by cl_close */
+	free(c->cl_who);
 	free(c->cl_sip);
 	free(c->cl_select_cmd);
 	free(c->cl_append_mbox);
@@ -314,10 +317,7 @@ cl_release_upstream(struct client *c)
 {
 	struct upstream *u = c->cl_up;
 
-	if (c->cl_waiting) {
-		pool_cancel(&c->cl_waiter);
-		c->cl_waiting = false;
-	}
+	cl_waiter_end(c);
 	if (u == NULL)
 		return;
 	c->cl_up = NULL;
@@ -362,8 +362,8 @@ cl_close(struct client *c, const char *reason, const char *bye)
 	log_info("client_close", "id=%llu peer=%s mailbox=%s admin=%s state=%s "
 	    "reason=%s bytes_in=%llu bytes_out=%llu duration_ms=%llu",
 	    (unsigned long long)c->cl_id, c->cl_peer,
-	    c->cl_name.mailbox[0] ? log_v(c->cl_name.mailbox) : "-",
-	    c->cl_admin[0] ? log_v(c->cl_admin) : "-",
+	    c->cl_who != NULL ? log_v(c->cl_who->mailbox) : "-",
+	    c->cl_who != NULL ? log_v(c->cl_who->admin) : "-",
 	    cl_state_name(c->cl_state), log_v(reason),
 	    (unsigned long long)c->cl_bytes_in,
 	    (unsigned long long)c->cl_bytes_out,
@@ -417,7 +417,8 @@ cl_pool_granted(struct pool_waiter *w, struct upstream *u)
 {
 	struct client *c = w->pw_arg;
 
-	c->cl_waiting = false;
+	IMAPSHIM_ASSERT(c->cl_waiter == w);
+	cl_waiter_end(c);
 	cl_lease(c, u);
 	switch (c->cl_state) {
 	case CL_S_ATTACHING:
@@ -441,12 +442,18 @@ static void
 cl_pool_failed(struct pool_waiter *w, enum pool_fail why, const char *reason)
 {
 	struct client *c = w->pw_arg;
+	char r[sizeof(w->pw_reason)], x[sizeof(w->pw_explain)];
 
-	c->cl_waiting = false;
+	/* The waiter ends before its answer is acted on (which may ask the
+	 * pool again): its words go on in copies. */
+	IMAPSHIM_ASSERT(c->cl_waiter == w);
+	snprintf(r, sizeof(r), "%s", reason);
+	snprintf(x, sizeof(x), "%s", w->pw_explain);
+	cl_waiter_end(c);
 	switch (c->cl_state) {
 	case CL_S_ATTACHING:
 	case CL_S_POLLING:
-		cl_attach_failed(c, why);
+		cl_attach_failed(c, why, x);
 		break;
 	case CL_S_PARKED_IDLE:
 		cl_poll_failed(c);
@@ -456,7 +463,7 @@ cl_pool_failed(struct pool_waiter *w, enum pool_fail why, const char *reason)
 		break;
 	default:
 		IMAPSHIM_ASSERT(c->cl_state == CL_S_LOGGING_IN);
-		cl_login_failed(c, why, reason);
+		cl_login_failed(c, why, r, x);
 		break;
 	}
 }
@@ -465,20 +472,33 @@ cl_pool_failed(struct pool_waiter *w, enum pool_fail why, const char *reason)
 void
 cl_ask_pool(struct client *c)
 {
-	struct pool_waiter *w = &c->cl_waiter;
+	struct pool_waiter *w;
 
-	IMAPSHIM_ASSERT(!c->cl_waiting && c->cl_up == NULL);
-	memset(w, 0, sizeof(*w));
-	snprintf(w->pw_mailbox, sizeof(w->pw_mailbox), "%s", c->cl_name.mailbox);
+	IMAPSHIM_ASSERT(c->cl_waiter == NULL && c->cl_up == NULL &&
+	    c->cl_who != NULL);
+	w = xcalloc(1, sizeof(*w));
+	snprintf(w->pw_mailbox, sizeof(w->pw_mailbox), "%s", c->cl_who->mailbox);
 	snprintf(w->pw_domain, sizeof(w->pw_domain), "%s",
-	    cl_cfg()->domain != NULL ? "" : c->cl_name.domain);
+	    cl_cfg()->domain != NULL ? "" : c->cl_who->domain);
 	w->pw_granted = cl_pool_granted;
 	w->pw_failed = cl_pool_failed;
 	w->pw_arg = c;
 	/* Parked and idling, the only reason to ask is an IDLE poll. */
 	w->pw_poll = c->cl_state == CL_S_PARKED_IDLE;
-	c->cl_waiting = true;
+	c->cl_waiter = w;
 	pool_acquire(w);
+}
+
+void
+cl_waiter_end(struct client *c)
+{
+	struct pool_waiter *w = c->cl_waiter;
+
+	if (w == NULL)
+		return;
+	c->cl_waiter = NULL;
+	pool_cancel(w);		/* a no-op once the pool has called back */
+	free(w);
 }
 
 /* ------------------------------------------------------------ callbacks */
@@ -694,6 +714,8 @@ client_new(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
 	}
 	TAILQ_INSERT_TAIL(&cl_all, c, cl_link);
 	cl_count++;
+	/* Descriptors are shared with the pool's sessions (DESIGN 3.3 P13). */
+	pool_set_clients(cl_count);
 	cl_state_counts[c->cl_state]++;
 	cl_unauth_add(c, sa);
 	imap_framer_init(&c->cl_framer, cl_cfg()->max_command_bytes,
@@ -796,8 +818,8 @@ client_foreach(void (*fn)(const struct client_info *ci, void *arg), void *arg)
 			continue;
 		ci.id = c->cl_id;
 		ci.peer = c->cl_peer;
-		ci.mailbox = c->cl_name.mailbox;
-		ci.admin = c->cl_admin;
+		ci.mailbox = c->cl_who != NULL ? c->cl_who->mailbox : "";
+		ci.admin = c->cl_who != NULL ? c->cl_who->admin : "";
 		ci.state = cl_state_name(c->cl_state);
 		ci.kind = cl_state_kind(c->cl_state);
 		ci.since_ms = c->cl_started_ms;
@@ -815,7 +837,8 @@ client_kick(uint64_t id, const char *mailbox, const char *bye)
 	for (c = TAILQ_FIRST(&cl_all); c != NULL; c = next) {
 		next = TAILQ_NEXT(c, cl_link);
 		if (c->cl_state == CL_S_CLOSING || (mailbox != NULL ?
-		    !util_ieq(c->cl_name.mailbox, mailbox) : c->cl_id != id))
+		    (c->cl_who == NULL || !util_ieq(c->cl_who->mailbox,
+		    mailbox)) : c->cl_id != id))
 			continue;
 		cl_end(c, "kicked", bye);
 		n++;

@@ -138,27 +138,38 @@ struct cl_ring {
 	size_t r_cap, r_head, r_len;
 };
 
+/* Who a client logged in as, in one allocation sized to fit (auth.c's
+ * limits bound each part): a parked client keeps only this much of it. */
+struct cl_who {
+	const char *domain;	/* "" when the format has none */
+	const char *admin;	/* the admin account, configured spelling */
+	char mailbox[];		/* then the domain's and the admin's bytes */
+};
+
 struct client {
 	uint64_t cl_id;
 	enum cl_state cl_state;
 	enum client_listener cl_kind;
 	struct bufferevent *cl_bev;
 	SSL *cl_ssl;
-	bool cl_tls;
 	struct event *cl_timer;		/* login, delay, idle, command, flush */
 	char cl_peer[64];
 	struct imap_framer cl_framer;
 
+	/* The command a session is sought for: LOGIN or AUTHENTICATE
+	 * before login, the one waiting on attach after (ATTACHING). */
+	char cl_tag[IMAPSHIM_TAG_MAX + 1];
+	bool cl_tls;			/* in cl_tag's padding */
+
 	/* before login */
 	struct evbuffer *cl_cmd;	/* the command being assembled */
-	char cl_tag[IMAPSHIM_TAG_MAX + 1];	/* of LOGIN/AUTHENTICATE in progress */
 	unsigned cl_auth_failures;
 	unsigned cl_bad_in_row;
-	struct auth_name cl_name;
-	char cl_admin[IMAPSHIM_NAME_MAX + 1];	/* configured spelling */
-	struct pool_waiter cl_waiter;	/* asking the pool for a session */
+	struct cl_who *cl_who;		/* NULL until the login is accepted */
+	/* Only while the pool owes an answer (cl_ask_pool to its callback
+	 * or cl_waiter_end): a parked client holds none. */
+	struct pool_waiter *cl_waiter;
 	uint64_t cl_login_us;		/* credentials checked at */
-	bool cl_waiting;		/* cl_waiter is queued in the pool */
 
 	/* after login */
 	struct upstream *cl_up;
@@ -199,7 +210,6 @@ struct client {
 	struct evbuffer *cl_flagtext;	/* "msn flags\0" of changed messages */
 	uint32_t cl_new_uidvalidity, cl_new_exists;
 	enum cl_rs cl_rs;		/* resync step */
-	char cl_attach_tag[IMAPSHIM_TAG_MAX + 1];	/* command waiting on attach */
 	bool cl_unread;			/* leave the current frame unread */
 	bool cl_drop_next;		/* next command was answered already */
 	uint64_t cl_active_ms;		/* last client byte or command */
@@ -240,6 +250,9 @@ void cl_resume_reading(struct client *c);
 void cl_close(struct client *c, const char *reason, const char *bye);
 void cl_end(struct client *c, const char *reason, const char *bye);
 void cl_ask_pool(struct client *c);
+/* Withdraw the client's waiter, if any, and free it: the one way a
+ * waiter ends, whether the pool has called back or not. */
+void cl_waiter_end(struct client *c);
 void cl_forget_upstream(struct client *c);
 void cl_read_cb(struct bufferevent *bev, void *arg);
 void cl_write_cb(struct bufferevent *bev, void *arg);
@@ -253,7 +266,10 @@ void cl_unauth_remove(struct client *c);
 void cl_preauth_frame(struct client *c, const struct imap_frame *fr,
     const char *line, struct evbuffer *in);
 void cl_auth_delay_over(struct client *c);
-void cl_login_failed(struct client *c, enum pool_fail why, const char *reason);
+/* The pool's failure: reason and explain (pw_reason, pw_explain) are
+ * copies, the waiter has ended. */
+void cl_login_failed(struct client *c, enum pool_fail why, const char *reason,
+    const char *explain);
 void cl_login_done(struct client *c);
 void cl_log_tls_failure(struct client *c, unsigned long err);
 
@@ -305,14 +321,14 @@ void cl_park(struct client *c);
 void cl_snapshot(struct client *c);
 void cl_attach(struct client *c, enum cl_state how);
 void cl_attach_granted(struct client *c);
-void cl_attach_failed(struct client *c, enum pool_fail why);
+void cl_attach_failed(struct client *c, enum pool_fail why,
+    const char *explain);
 void cl_park_timer_apply(struct client *c);
 void cl_park_timer_cb(evutil_socket_t fd, short what, void *arg);
 /* IDLE polls (DESIGN 3.4 M10): the pool's answer to a poll asked while
- * PARKED_IDLE, and the client's DONE withdrawing it. */
+ * PARKED_IDLE (the client's DONE withdraws it: cl_waiter_end). */
 void cl_poll_granted(struct client *c);
 void cl_poll_failed(struct client *c);
-void cl_poll_cancel(struct client *c);
 /* When the next poll is due: one interval after the last one ran
  * (last_ran_ms, 0: none) if that is still ahead, else now + r, r drawn
  * uniformly from [0, interval): clients that parked together poll spread
@@ -335,5 +351,10 @@ void cl_recover_granted(struct client *c);
 void cl_recover_failed(struct client *c);
 void cl_recover_done_idle(struct client *c);
 void cl_swap_upstream(struct client *c);
+/* Lost again while getting back on a session (attach, resync, recovery):
+ * forget the upstream; true while another try is allowed (fewer than
+ * CL_RECOVER_TRIES in a row), else the client is closed for reason with
+ * "The connection to Exchange was lost." */
+bool cl_lost_again(struct client *c, const char *reason);
 
 #endif

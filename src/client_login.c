@@ -208,6 +208,24 @@ cl_admin_password(const void *arg, const char *name, size_t len)
 	return admin != NULL ? admin->password : NULL;
 }
 
+/* Who logged in, sized to fit: the parsed mailbox and domain (auth.c
+ * bounds them) and the admin account's configured spelling. */
+static struct cl_who *
+cl_who_new(const struct auth_name *n, const char *admin)
+{
+	size_t mlen = strlen(n->mailbox) + 1, dlen = strlen(n->domain) + 1;
+	size_t alen = strlen(admin) + 1;
+	struct cl_who *w = xmalloc(sizeof(*w) + mlen + dlen + alen);
+	char *d = w->mailbox + mlen, *a = d + dlen;
+
+	memcpy(w->mailbox, n->mailbox, mlen);
+	memcpy(d, n->domain, dlen);
+	memcpy(a, admin, alen);
+	w->domain = d;
+	w->admin = a;
+	return w;
+}
+
 /* Check credentials locally; a wrong password never reaches Exchange. */
 static void
 cl_check_credentials(struct client *c, const char *user, size_t userlen,
@@ -216,18 +234,22 @@ cl_check_credentials(struct client *c, const char *user, size_t userlen,
 	const struct config *cfg = cl_cfg();
 	const struct config_admin *admin;
 	enum stats_auth_failure why;
+	struct auth_name name;
 
+	/* A login the pool failed may be followed by another. */
+	free(c->cl_who);
+	c->cl_who = NULL;
 	if (auth_check_login(cfg->client_login_format, user, userlen, pass,
-	    passlen, cl_admin_password, cfg, &c->cl_name, &why) != 0) {
+	    passlen, cl_admin_password, cfg, &name, &why) != 0) {
 		cl_auth_failed(c, why, user, userlen);
 		return;
 	}
-	admin = config_find_admin(cfg, c->cl_name.admin, strlen(c->cl_name.admin));
+	admin = config_find_admin(cfg, name.admin, strlen(name.admin));
 	IMAPSHIM_ASSERT(admin != NULL);
-	snprintf(c->cl_admin, sizeof(c->cl_admin), "%s", admin->name);
+	c->cl_who = cl_who_new(&name, admin->name);
 	log_info("client_auth", "id=%llu peer=%s mailbox=%s admin=%s password=%s",
-	    (unsigned long long)c->cl_id, c->cl_peer, log_v(c->cl_name.mailbox),
-	    log_v(c->cl_admin), LOG_MASKED);
+	    (unsigned long long)c->cl_id, c->cl_peer, log_v(c->cl_who->mailbox),
+	    log_v(c->cl_who->admin), LOG_MASKED);
 	cl_unauth_remove(c);
 	c->cl_login_us = util_now_us();
 	cl_set_state(c, CL_S_LOGGING_IN);
@@ -527,9 +549,9 @@ cl_login_done(struct client *c)
 
 /* The pool could not give this mailbox a session. */
 void
-cl_login_failed(struct client *c, enum pool_fail why, const char *reason)
+cl_login_failed(struct client *c, enum pool_fail why, const char *reason,
+    const char *x)
 {
-	const char *x = c->cl_waiter.pw_explain;
 	char msg[700];
 
 	/* The table of these texts: README "Failure texts", imapshim.ini(5).

@@ -83,7 +83,7 @@ cl_parkable(struct client *c)
 {
 	if ((c->cl_state != CL_S_ATTACHED && c->cl_state != CL_S_IDLE) ||
 	    c->cl_up == NULL || c->cl_logout || c->cl_select_opaque ||
-	    c->cl_waiting || c->cl_cur != CL_CUR_NONE ||
+	    c->cl_waiter != NULL || c->cl_cur != CL_CUR_NONE ||
 	    !imap_framer_at_boundary(&c->cl_framer) ||
 	    evbuffer_get_length(bufferevent_get_input(c->cl_bev)) > 0)
 		return false;
@@ -184,7 +184,7 @@ cl_park_done_cb(void *arg, bool ok)
 	c->cl_selected = false;
 	cl_set_state(c, idling ? CL_S_PARKED_IDLE : CL_S_PARKED);
 	log_debug("client_parked", "id=%llu mailbox=%s messages=%zu idle=%s",
-	    (unsigned long long)c->cl_id, log_v(c->cl_name.mailbox),
+	    (unsigned long long)c->cl_id, log_v(c->cl_who->mailbox),
 	    c->cl_snap.rs_n, idling ? "yes" : "no");
 }
 
@@ -242,14 +242,14 @@ cl_attach_give_up(struct client *c, const char *text)
 		cl_set_state(c, CL_S_PARKED_IDLE);
 		return;
 	}
-	cl_printf(c, "%s %s\r\n", c->cl_attach_tag, text);
+	cl_printf(c, "%s %s\r\n", c->cl_tag, text);
 	c->cl_drop_next = true;
 	cl_set_state(c, CL_S_PARKED);
 }
 
 /* The pool could not give one back in time. */
 void
-cl_attach_failed(struct client *c, enum pool_fail why)
+cl_attach_failed(struct client *c, enum pool_fail why, const char *explain)
 {
 	char text[400];
 
@@ -258,8 +258,7 @@ cl_attach_failed(struct client *c, enum pool_fail why)
 	case POOL_FAIL_TIMEOUT:
 		snprintf(text, sizeof(text), "NO [UNAVAILABLE] No Exchange "
 		    "session within queue_timeout: %s; try again later.",
-		    c->cl_waiter.pw_explain[0] != '\0' ?
-		    c->cl_waiter.pw_explain : "the session budget is full");
+		    explain[0] != '\0' ? explain : "the session budget is full");
 		break;
 	case POOL_FAIL_AUTH:
 	case POOL_FAIL_REFUSED:
@@ -269,8 +268,8 @@ cl_attach_failed(struct client *c, enum pool_fail why)
 	case POOL_FAIL_UNAVAILABLE:
 	default:
 		snprintf(text, sizeof(text), "NO [UNAVAILABLE] %s; try again "
-		    "later.", c->cl_waiter.pw_explain[0] != '\0' ?
-		    c->cl_waiter.pw_explain : "Exchange is not reachable");
+		    "later.", explain[0] != '\0' ? explain :
+		    "Exchange is not reachable");
 		break;
 	}
 	cl_attach_give_up(c, text);
@@ -286,17 +285,12 @@ cl_resync_fail(struct client *c, const char *text)
 
 	c->cl_rs = CL_RS_SELECT;
 	if (u != NULL && upstream_state(u) == UP_S_CLOSING) {
-		cl_forget_upstream(c);
-		if (++c->cl_recover_tries < CL_RECOVER_TRIES) {
+		if (cl_lost_again(c, "resync-failed"))
 			cl_ask_pool(c);
-			return;
-		}
-		cl_close(c, "resync-failed", "The connection to Exchange was "
-		    "lost.");
 		return;
 	}
 	log_info("client_resync_refused", "id=%llu mailbox=%s state=%s",
-	    (unsigned long long)c->cl_id, log_v(c->cl_name.mailbox),
+	    (unsigned long long)c->cl_id, log_v(c->cl_who->mailbox),
 	    cl_state_name(c->cl_state));
 	if (u != NULL) {
 		c->cl_up = NULL;
@@ -437,7 +431,7 @@ cl_park_timer_cb(evutil_socket_t fd, short what, void *arg)
 		/* Due: the poll waits in the pool's FIFO of polls, behind
 		 * every command (DESIGN 3.3 P3), while the client stays
 		 * parked with reading on, so its DONE is answered at once
-		 * and withdraws the poll (cl_poll_cancel). */
+		 * and withdraws the poll (cl_waiter_end). */
 		c->cl_recover_tries = 0;
 		c->cl_rs = CL_RS_SELECT;
 		cl_ask_pool(c);
@@ -493,13 +487,4 @@ cl_poll_failed(struct client *c)
 {
 	c->cl_poll_ran_ms = util_now_ms();
 	cl_park_timer_apply(c);
-}
-
-void
-cl_poll_cancel(struct client *c)
-{
-	if (c->cl_waiting) {
-		pool_cancel(&c->cl_waiter);
-		c->cl_waiting = false;
-	}
 }

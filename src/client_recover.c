@@ -169,13 +169,23 @@ cl_append_msgid(const char *buf, size_t len, char *out, size_t outlen)
 void
 cl_reattach(struct client *c)
 {
-	if (c->cl_state != CL_S_RECOVERING || c->cl_waiting ||
+	if (c->cl_state != CL_S_RECOVERING || c->cl_waiter != NULL ||
 	    c->cl_up != NULL || c->cl_cur == CL_CUR_RELAY)
 		return;
 	log_info("client_reattach", "id=%llu mailbox=%s redo=%d try=%u",
-	    (unsigned long long)c->cl_id, log_v(c->cl_name.mailbox),
+	    (unsigned long long)c->cl_id, log_v(c->cl_who->mailbox),
 	    c->cl_recover, c->cl_recover_tries);
 	cl_ask_pool(c);
+}
+
+bool
+cl_lost_again(struct client *c, const char *reason)
+{
+	cl_forget_upstream(c);
+	if (++c->cl_recover_tries < CL_RECOVER_TRIES)
+		return true;
+	cl_close(c, reason, "The connection to Exchange was lost.");
+	return false;
 }
 
 /* Into RECOVERING (or on in it) with what to redo. */
@@ -206,7 +216,7 @@ cl_swap_upstream(struct client *c)
 	struct upstream *u = c->cl_up;
 
 	log_info("client_upstream_worn", "id=%llu mailbox=%s up=%llu",
-	    (unsigned long long)c->cl_id, log_v(c->cl_name.mailbox),
+	    (unsigned long long)c->cl_id, log_v(c->cl_who->mailbox),
 	    (unsigned long long)upstream_id(u));
 	c->cl_up = NULL;
 	upstream_set_lessee(u, NULL, NULL);
@@ -228,16 +238,11 @@ cl_recover_done_cb(void *arg, bool ok)
 		 * new session has nothing selected, and an APPEND check
 		 * must look again from the start: an unanswered SEARCH
 		 * proves nothing. */
-		cl_forget_upstream(c);
 		if (c->cl_recover == CL_REDO_APPEND_SEARCH ||
 		    c->cl_recover == CL_REDO_APPEND_DECIDE)
 			c->cl_recover = CL_REDO_APPEND_EXAMINE;
-		if (++c->cl_recover_tries < CL_RECOVER_TRIES) {
+		if (cl_lost_again(c, "upstream-lost"))
 			cl_reattach(c);
-			return;
-		}
-		cl_close(c, "upstream-lost", "The connection to Exchange "
-		    "was lost.");
 		return;
 	}
 	if (!ok && (c->cl_recover == CL_REDO_APPEND_SEARCH ||
@@ -253,7 +258,7 @@ cl_recover_done_cb(void *arg, bool ok)
 		 * with none selected, and the client is told so (its commands
 		 * that need one get the server's own answer). */
 		log_info("client_reselect_refused", "id=%llu mailbox=%s",
-		    (unsigned long long)c->cl_id, log_v(c->cl_name.mailbox));
+		    (unsigned long long)c->cl_id, log_v(c->cl_who->mailbox));
 		free(c->cl_select_cmd);
 		c->cl_select_cmd = NULL;
 		c->cl_selected = c->cl_select_opaque = false;
@@ -288,13 +293,13 @@ cl_append_decide(struct client *c, struct cl_pend *p)
 	if (c->cl_found_uid == 0) {
 		log_info("client_append_recovered", "id=%llu mailbox=%s "
 		    "result=sent-again", (unsigned long long)c->cl_id,
-		    log_v(c->cl_name.mailbox));
+		    log_v(c->cl_who->mailbox));
 		c->cl_recover = CL_REDO_SEND;
 		return;
 	}
 	log_info("client_append_recovered", "id=%llu mailbox=%s "
 	    "result=already-stored uid=%u", (unsigned long long)c->cl_id,
-	    log_v(c->cl_name.mailbox), c->cl_found_uid);
+	    log_v(c->cl_who->mailbox), c->cl_found_uid);
 	if (upstream_has_cap(c->cl_up, "UIDPLUS") && c->cl_found_uidvalidity != 0) {
 		snprintf(text, sizeof(text), "OK [APPENDUID %u %u] APPEND "
 		    "completed.", c->cl_found_uidvalidity, c->cl_found_uid);
@@ -385,7 +390,10 @@ cl_recover_step(struct client *c)
 	}
 	if (c->cl_state == CL_S_CLOSING)
 		return;
-	c->cl_recover_tries = 0;
+	/* A command sent again counts its losses on until its reply (R13):
+	 * one that kills the server each time must not be sent for ever. */
+	if (what != CL_REDO_SEND)
+		c->cl_recover_tries = 0;
 	c->cl_up_active_ms = util_now_ms();
 	cl_set_state(c, CL_S_ATTACHED);
 	cl_touch(c);
@@ -444,7 +452,7 @@ cl_up_lost(void *arg, const char *reason)
 	stats_login_retry(STATS_RETRY_LOST);
 	log_info("client_upstream_lost", "id=%llu mailbox=%s reason=%s "
 	    "state=%s in_flight=%s cut=%s", (unsigned long long)c->cl_id,
-	    log_v(c->cl_name.mailbox), log_v(reason),
+	    log_v(c->cl_who->mailbox), log_v(reason),
 	    cl_state_name(c->cl_state), p != NULL ? log_v(p->tag) : "-",
 	    cut ? "yes" : "no");
 	if (cut) {
@@ -453,10 +461,8 @@ cl_up_lost(void *arg, const char *reason)
 		cl_close(c, "upstream-lost-mid-response", NULL);
 		return;
 	}
-	if (++c->cl_recover_tries > CL_RECOVER_TRIES) {
-		cl_close(c, "upstream-lost", "The connection to Exchange was lost.");
+	if (!cl_lost_again(c, "upstream-lost"))
 		return;
-	}
 	if (c->cl_cur == CL_CUR_RELAY && !c->cl_replay_on) {
 		/* The client is still sending a command that cannot be sent
 		 * again: drop its rest. */
@@ -496,7 +502,7 @@ cl_command_overdue(struct client *c)
 {
 	log_warn("client_command_timeout", "id=%llu mailbox=%s state=%s "
 	    "timeout_ms=%llu", (unsigned long long)c->cl_id,
-	    log_v(c->cl_name.mailbox), cl_state_name(c->cl_state),
+	    log_v(c->cl_who->mailbox), cl_state_name(c->cl_state),
 	    (unsigned long long)cl_cfg()->command_timeout_ms);
 	upstream_abort(c->cl_up, "command-timeout");
 	cl_up_lost(c, "no reply within command_timeout");

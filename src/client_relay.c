@@ -275,7 +275,7 @@ cl_idle_done_locally(struct client *c, const struct imap_frame *fr,
 	c->cl_bytes_in += fr->len;
 	evbuffer_drain(in, fr->len);
 	if (c->cl_state == CL_S_PARKED_IDLE) {
-		cl_poll_cancel(c);	/* a poll waiting for its session */
+		cl_waiter_end(c);	/* a poll waiting for its session */
 		cl_set_state(c, CL_S_PARKED);
 	} else
 		cl_recover_done_idle(c);
@@ -340,7 +340,7 @@ cl_auth_first_line(struct client *c, const struct imap_frame *fr,
 	c->cl_bad_in_row = 0;
 	if (c->cl_state == CL_S_PARKED) {
 		/* Read it again once attached and resynced. */
-		snprintf(c->cl_attach_tag, sizeof(c->cl_attach_tag), "%.*s",
+		snprintf(c->cl_tag, sizeof(c->cl_tag), "%.*s",
 		    (int)tag.len, tag.p);
 		c->cl_unread = true;
 		cl_attach(c, CL_S_ATTACHING);

@@ -334,10 +334,10 @@ cl_plog(struct client *c, const char *command, const char *params,
 
 	if (!protolog_enabled())
 		return;
-	if (c->cl_name.mailbox[0] != '\0')
-		snprintf(user, sizeof(user), "%s%s%s/%s", c->cl_name.domain,
-		    c->cl_name.domain[0] ? "/" : "", c->cl_admin,
-		    c->cl_name.mailbox);
+	if (c->cl_who != NULL)
+		snprintf(user, sizeof(user), "%s%s%s/%s", c->cl_who->domain,
+		    c->cl_who->domain[0] ? "/" : "", c->cl_who->admin,
+		    c->cl_who->mailbox);
 	/* Exchange writes command names in lower case. */
 	for (i = 0; i + 1 < sizeof(cmd) && command[i] != '\0'; i++)
 		cmd[i] = (char)(command[i] >= 'A' && command[i] <= 'Z' ?

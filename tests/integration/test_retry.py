@@ -738,6 +738,31 @@ def test_lost_during_fetch_is_rerun(env, make_fake, admins, mode):
     note_reasons(shim, "test_lost_during_fetch_is_rerun[%s]" % mode)
 
 
+@pytest.mark.parametrize("mode", ["session", "multiplex"])
+def test_fetch_lost_every_time_ends(env, make_fake, admins, mode):
+    """The upstream dies every time the FETCH arrives (a command that kills
+    Exchange's worker): imapshim runs it again on a new session a bounded
+    number of times (DESIGN 3.5 R13: CL_RECOVER_TRIES losses in a row), then
+    ends the client's session with a BYE naming Exchange; it never goes on
+    logging in and re-sending for ever."""
+    mbx = "lost-always-%s" % mode
+    fe = make_fake(script={"on_command": fx().drop_on("FETCH", mailbox=mbx)})
+    shim = env([fe], pool={"mode": mode})
+    c, r, _ = login(shim, mbx, admins)
+    try:
+        assert r.status == "OK", r
+        select_and_check(c)
+        c.send(b"F FETCH 1 (FLAGS)\r\n")
+        got = c.expect_closed(timeout=30)
+    finally:
+        c.close()
+    byes = [l for l in got.split(b"\r\n") if l.startswith(b"* BYE ")]
+    assert len(byes) == 1 and b"Exchange" in byes[0], got
+    assert 2 <= len(fe.commands("FETCH", mailbox=mbx)) <= 4, fe.summary()
+    closes = log_lines(shim, "client_close", mailbox=re.escape(mbx))
+    assert len(closes) == 1 and "reason=upstream-lost" in closes[0], closes
+
+
 def test_lost_during_store_is_unavailable(env, make_fake, admins):
     """The upstream dies as STORE arrives: the STORE is not sent again (it
     changes the mailbox); the client gets NO [UNAVAILABLE] for it and its

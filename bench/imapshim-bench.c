@@ -30,6 +30,11 @@
  *           and IDLE at a time; reports how many reached IDLE and when
  *           the last one did
  *
+ * idle and storm with --probe N: once settled, N sessions spread over the
+ * set each end their IDLE (DONE), send NOOP and IDLE again, --probe-rounds
+ * times, a random 0-1 s apart: the latency of a command while every other
+ * session idles ("idle_done": DONE to the IDLE's tagged OK; "noop").
+ *
  * Output: one JSON line on stdout.  Exit status 0; 1 when a verification
  * failed or errors exceeded 1% of operations; 2 on bad usage or set-up.
  *
@@ -72,6 +77,7 @@
 #define TEARDOWN_GRACE	10		/* seconds for LOGOUTs after the end */
 #define HARD_EXTRA	30		/* hard stop: duration + this */
 #define SETTLE_HOLD	2		/* idle: seconds held after measuring */
+#define PROBE_GAP	1.0		/* --probe: rounds up to this far apart */
 #define RECONNECT_MS	200		/* after an error */
 #define AUDIO_RAW	44000		/* -> ~60 KB of base64 with headers */
 
@@ -194,7 +200,7 @@ static const char *const ses_state_names[] = {
 };
 _Static_assert(nitems(ses_state_names) == SES_S_COUNT, "state names out of sync");
 
-enum ses_timer { T_NONE, T_RECONNECT, T_POLL };
+enum ses_timer { T_NONE, T_RECONNECT, T_POLL, T_PROBE };
 
 enum again { AG_NO, AG_NOW, AG_LATER };	/* reconnect after a close? */
 
@@ -243,6 +249,7 @@ struct session {
 	uint32_t		 ses_appenduid;
 	bool			 ses_skip;	/* rest of this append cycle: skip */
 	struct timespec		 ses_poll_t;	/* last poll start */
+	unsigned		 ses_probe;	/* --probe rounds still to go */
 	SSL_SESSION		*ses_tls_sess;	/* --resume: offered next */
 };
 
@@ -279,6 +286,9 @@ static struct {
 	bool			 resume;
 	bool			 storm;		/* --scenario storm (idle) */
 	unsigned		 conc;		/* --connect-concurrency; 0: all */
+	unsigned		 probe;		/* --probe sessions */
+	unsigned		 probe_rounds;
+	double			 hold;		/* --hold: after the measurement */
 
 	/* run */
 	struct event_base	*base;
@@ -298,6 +308,7 @@ static struct {
 	unsigned		*waitq;		/* sessions waiting for a slot */
 	unsigned		 wq_head, wq_n;
 	unsigned		 reached_idle;	/* sessions that idled once */
+	unsigned		 probing;	/* probe sessions not finished */
 	double			 all_idle_s;	/* when all first idled; <0: never */
 	uint32_t		 rng;
 	char			*audio;		/* shared base64 body part */
@@ -321,6 +332,7 @@ static void ses_connect(struct session *);
 static void ses_next(struct session *);
 static void ses_close(struct session *, enum err, enum again);
 static void bench_stop(void);
+static void probe_finished(void);
 static void ses_timer_in(struct session *, enum ses_timer, double);
 
 /* ------------------------------------------------------------ utilities */
@@ -364,6 +376,12 @@ rng_next(void)				/* xorshift32 */
 	x ^= x >> 17;
 	x ^= x << 5;
 	return B.rng = x;
+}
+
+static double
+rng_frac(void)				/* in [0, 1) */
+{
+	return (double)(rng_next() % 10000) / 10000.0;
 }
 
 static struct timeval
@@ -691,6 +709,17 @@ ses_logout(struct session *s)
 	ses_send(s, C_LOGOUT, "LOGOUT\r\n");
 }
 
+/* End the IDLE in progress: its tagged OK completes "idle_done". */
+static void
+ses_send_done(struct session *s)
+{
+	s->ses_cmd = C_DONE;
+	ses_set_state(s, SES_S_BUSY);
+	ses_timeouts(s, true);
+	now(&s->ses_t0);
+	evbuffer_add(bufferevent_get_output(s->ses_bev), "DONE\r\n", 6);
+}
+
 /* The first command of a poll round (or LOGOUT when the run is over). */
 static void
 ses_poll_round(struct session *s)
@@ -749,11 +778,9 @@ ses_next(struct session *s)
 		switch (done) {
 		case C_SELECT: {
 			/* spread the first rounds over one interval */
-			double off = B.poll_interval *
-			    (double)(rng_next() % 10000) / 10000.0;
 			ses_set_state(s, SES_S_WAITING);
 			ses_timeouts(s, false);
-			ses_timer_in(s, T_POLL, off);
+			ses_timer_in(s, T_POLL, B.poll_interval * rng_frac());
 			break;
 		}
 		case C_NOOP:
@@ -838,10 +865,13 @@ ses_next(struct session *s)
 		}
 		break;
 	case SC_IDLE:
-		if (done == C_SELECT) {
+		/* --probe rounds (after settling): DONE, NOOP, IDLE again */
+		if (done == C_SELECT || done == C_NOOP) {
 			ses_send(s, C_IDLE, "IDLE\r\n");
 			s->ses_want_plus = true;
-		} else				/* IDLE ended early (BYE?) */
+		} else if (done == C_DONE && B.measured)
+			ses_send(s, C_NOOP, "NOOP\r\n");
+		else				/* IDLE ended early (BYE?) */
 			ses_logout(s);
 		break;
 	case SC_COUNT:
@@ -871,8 +901,9 @@ ses_tagged(struct session *s, const char *rest)
 	enum cmd c = s->ses_cmd;
 
 	now(&t);
-	/* IDLE was measured at its "+"; DONE is only sent at the end */
-	if (s->ses_measured && !B.stopping && c != C_DONE && c != C_IDLE) {
+	/* IDLE was measured at its "+"; a DONE before the end is a probe's */
+	if (s->ses_measured && !B.stopping && c != C_IDLE &&
+	    (c != C_DONE || B.measured)) {
 		B.ops++;
 		hist_add(&B.hist[c], elapsed_us(&s->ses_t0, &t));
 		hist_add(&B.hist_all, elapsed_us(&s->ses_t0, &t));
@@ -950,9 +981,10 @@ ses_plus(struct session *s)
 		evbuffer_add(out, s->ses_msg, s->ses_msglen + 2);
 		return;
 	}
-	/* IDLE: the "idle" latency is the time to the continuation */
+	/* IDLE: the "idle" latency is the time to the continuation (the
+	 * probes' IDLEs after settling are not the figure) */
 	now(&t);
-	if (s->ses_measured && !B.stopping) {
+	if (s->ses_measured && !B.stopping && !B.measured) {
 		B.ops++;
 		hist_add(&B.hist[C_IDLE], elapsed_us(&s->ses_t0, &t));
 		hist_add(&B.hist_all, elapsed_us(&s->ses_t0, &t));
@@ -960,10 +992,13 @@ ses_plus(struct session *s)
 	B.cycles++;
 	ses_set_state(s, SES_S_IDLING);
 	ses_timeouts(s, false);
-	if (B.stopping) {
-		s->ses_cmd = C_DONE;
-		ses_set_state(s, SES_S_BUSY);
-		evbuffer_add(out, "DONE\r\n", 6);
+	if (B.stopping)
+		ses_send_done(s);
+	else if (B.measured && s->ses_probe > 0) {
+		if (--s->ses_probe > 0)
+			ses_timer_in(s, T_PROBE, PROBE_GAP * rng_frac());
+		else
+			probe_finished();
 	}
 }
 
@@ -1296,6 +1331,10 @@ ses_timer_cb(evutil_socket_t fd, short what, void *arg)
 	case T_RECONNECT:
 		ses_connect(s);
 		break;
+	case T_PROBE:
+		if (s->ses_state == SES_S_IDLING && !B.stopping)
+			ses_send_done(s);
+		break;
 	case T_NONE:
 		break;
 	}
@@ -1408,11 +1447,7 @@ bench_stop(void)
 			ses_logout(s);
 			break;
 		case SES_S_IDLING:
-			s->ses_cmd = C_DONE;
-			ses_set_state(s, SES_S_BUSY);
-			ses_timeouts(s, true);
-			evbuffer_add(bufferevent_get_output(s->ses_bev),
-			    "DONE\r\n", 6);
+			ses_send_done(s);
 			break;
 		case SES_S_CONNECTING:
 		case SES_S_GREETING:
@@ -1433,14 +1468,51 @@ stop_cb(evutil_socket_t fd, short what, void *arg)
 	bench_stop();
 }
 
+/* The measurement is done: the sessions hold --hold seconds more for a
+ * driver's own samples (it may end the run sooner with SIGINT). */
+static void
+hold_then_stop(void)
+{
+	struct timeval hold = tv_of(B.hold);
+
+	evtimer_del(B.ev_stop);
+	evtimer_add(B.ev_stop, &hold);
+}
+
+/* A probe session has done its rounds; after the last, a line on stderr
+ * tells a driver that every session is idle again. */
+static void
+probe_finished(void)
+{
+	if (--B.probing > 0)
+		return;
+	fprintf(stderr, "imapshim-bench: probed: %u sessions, %u rounds each\n",
+	    B.probe < B.sessions ? B.probe : B.sessions, B.probe_rounds);
+	fflush(stderr);
+	hold_then_stop();
+}
+
+/* --probe sessions, spread evenly over the set, start their rounds. */
+static void
+probe_start(void)
+{
+	unsigned k;
+
+	B.probing = B.probe < B.sessions ? B.probe : B.sessions;
+	for (k = 0; k < B.probing; k++) {
+		struct session *s = &B.ses[(size_t)k * B.sessions / B.probing];
+
+		s->ses_probe = B.probe_rounds;
+		ses_timer_in(s, T_PROBE, PROBE_GAP * rng_frac());
+	}
+}
+
 /* Every session has idled for --settle seconds: the memory figure, then
- * the end of the run.  A line on stderr tells a driver to take its own
- * samples now; the sessions hold a moment longer for it. */
+ * the probes (--probe) or the end of the run.  A line on stderr tells a
+ * driver to take its own samples now. */
 static void
 settle_cb(evutil_socket_t fd, short what, void *arg)
 {
-	struct timeval hold = tv_of(SETTLE_HOLD);
-
 	(void)fd; (void)what; (void)arg;
 	if (B.idling != B.sessions || B.stopping)
 		return;
@@ -1449,8 +1521,10 @@ settle_cb(evutil_socket_t fd, short what, void *arg)
 	B.mem_after = read_mem(B.pid);
 	fprintf(stderr, "imapshim-bench: settled: %u sessions idle\n", B.idling);
 	fflush(stderr);
-	evtimer_del(B.ev_stop);
-	evtimer_add(B.ev_stop, &hold);
+	if (B.probe > 0)
+		probe_start();		/* the duration still bounds them */
+	else
+		hold_then_stop();
 }
 
 static void
@@ -1554,6 +1628,10 @@ print_report(void)
 			printf("%.3f,", B.all_idle_s);
 		else
 			printf("null,");
+		if (B.probe > 0)
+			printf("\"probe_sessions\":%u,\"probe_rounds\":%u,"
+			    "\"probe_unfinished\":%u,", B.probe < B.sessions ?
+			    B.probe : B.sessions, B.probe_rounds, B.probing);
 	}
 	printf("\"handshakes_full\":%" PRIu64 ",\"handshakes_resumed\":%"
 	    PRIu64 ",",
@@ -1631,6 +1709,9 @@ usage(void)
 "  --resume             offer each session's last TLS session on reconnect\n"
 "  --pid PID            report this process's VmRSS and Pss before and after\n"
 "  --settle S           idle: measure and stop S s after the last session idles\n"
+"  --hold S             idle: hold S s after that (default 2; SIGINT ends it)\n"
+"  --probe N            idle: after settling, N sessions each DONE, NOOP, IDLE\n"
+"  --probe-rounds R     ... R times, a random 0-1 s apart (default 5)\n"
 "  --label STR          copied into the JSON line\n"
 "Prints one JSON line.  Exit 1: a verification failed or errors > 1%% of ops.\n");
 	exit(2);
@@ -1670,7 +1751,8 @@ parse_args(int argc, char **argv)
 	enum { O_HOST = 256, O_PORT, O_TLS, O_PLAIN, O_CAFILE, O_INSECURE,
 	    O_SNI, O_SESSIONS, O_MAILBOXES, O_MBASE, O_USERFMT, O_PWFILE,
 	    O_SCEN, O_DURATION, O_OPS, O_POLL, O_PID, O_LABEL, O_TIMEOUT,
-	    O_RAMP, O_SETTLE, O_KEEP, O_RESUME, O_CONC, O_HELP };
+	    O_RAMP, O_SETTLE, O_KEEP, O_RESUME, O_CONC, O_HOLD, O_PROBE,
+	    O_PROBE_ROUNDS, O_HELP };
 	static const struct option opts[] = {
 		{ "host", required_argument, NULL, O_HOST },
 		{ "port", required_argument, NULL, O_PORT },
@@ -1696,6 +1778,9 @@ parse_args(int argc, char **argv)
 		{ "keep", no_argument, NULL, O_KEEP },
 		{ "resume", no_argument, NULL, O_RESUME },
 		{ "connect-concurrency", required_argument, NULL, O_CONC },
+		{ "hold", required_argument, NULL, O_HOLD },
+		{ "probe", required_argument, NULL, O_PROBE },
+		{ "probe-rounds", required_argument, NULL, O_PROBE_ROUNDS },
 		{ "help", no_argument, NULL, O_HELP },
 		{ NULL, 0, NULL, 0 }
 	};
@@ -1715,6 +1800,8 @@ parse_args(int argc, char **argv)
 	B.label = "";
 	B.timeout = 30;
 	B.pid = -1;
+	B.hold = SETTLE_HOLD;
+	B.probe_rounds = 5;
 	while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
 		switch (c) {
 		case O_HOST: B.host = optarg; break;
@@ -1775,6 +1862,14 @@ parse_args(int argc, char **argv)
 			B.conc = (unsigned)opt_num("connect-concurrency", optarg,
 			    0, 50000);
 			conc_set = true;
+			break;
+		case O_HOLD: B.hold = opt_num("hold", optarg, 0, 3600); break;
+		case O_PROBE:
+			B.probe = (unsigned)opt_num("probe", optarg, 0, 50000);
+			break;
+		case O_PROBE_ROUNDS:
+			B.probe_rounds = (unsigned)opt_num("probe-rounds", optarg, 1,
+			    1000);
 			break;
 		default: usage();
 		}

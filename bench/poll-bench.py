@@ -18,6 +18,8 @@ every idle_poll_interval.  During the hold the driver samples imapshim's
   /status, /metrics, console "show clients"/"show status": ms per request
                    with N clients connected (median of 5)
 
+Beside each figure the previous run's (bench-poll-last.json in the current
+directory; run-bench.py reads its CPU per poll for its "one core" line).
 One JSON line follows with the same figures.  Usage:
   poll-bench.py --shim build/src/imapshim --bench build/bench/imapshim-bench
       [--sessions 2000] [--interval 30] [--ramp 20] [--hold 90]
@@ -26,61 +28,21 @@ Exits 77 when Dovecot is missing.
 import argparse
 import json
 import os
-import resource
 import secrets
-import shutil
-import socket
-import statistics
-import subprocess
 import sys
-import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
-
-import harness  # noqa: E402
+import benchlib as bl
+from benchlib import harness
 
 ADMIN = "NPUMAdmin1"
 BUDGET = 16
+LAST_JSON = "bench-poll-last.json"
 
 
-def cpu_s(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def metrics(port):
-    out = {}
-    for line in harness.http_get(port, "/metrics").splitlines():
-        if line.startswith("imapshim_poll") or line.startswith("imapshim_clients"):
-            k, _, v = line.rpartition(" ")
-            out[k] = float(v)
-    return out
-
-
-def timed(fn, n=5):
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(ts)
-
-
-def console(path, line):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(path)
-        s.sendall(line.encode() + b"\n")
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            b = s.recv(65536)
-            if not b:
-                return data
-            data += b
+def poll_metrics(port):
+    return {k: v for k, v in bl.metrics(port).items()
+            if k.startswith(("imapshim_poll", "imapshim_clients"))}
 
 
 def main():
@@ -93,17 +55,18 @@ def main():
     ap.add_argument("--ramp", type=float, default=20.0)
     ap.add_argument("--hold", type=float, default=90.0)
     ap.add_argument("--login-rate", type=int, default=500)
+    ap.add_argument("--last", default=LAST_JSON)
+    ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     if not harness.which("dovecot"):
         print("poll-bench: dovecot is not installed; skipping")
         return 77
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    bl.raise_nofile()
     tmp = harness.make_tempdir("imapshim-pollbench-")
     admins = {ADMIN: "Adm1n-" + secrets.token_hex(12),
               "NPUMAdmin2": "Adm2n-" + secrets.token_hex(12)}
     dv = shim = None
+    out = sys.stdout
     try:
         pki = harness.Pki(os.path.join(tmp, "pki"))
         dv = harness.Dovecot(os.path.join(tmp, "dovecot"), pki, admins,
@@ -129,45 +92,31 @@ def main():
                "--sessions", str(args.sessions), "--ramp", "%g" % args.ramp,
                "--settle", "%g" % args.hold, "--mailbox-base", "10000",
                "--duration", "%g" % (args.ramp + args.hold + 120), "--label", "shim"]
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        settled = threading.Event()
-        errlines = []
-
-        def watch():
-            for line in p.stderr:
-                errlines.append(line)
-                if b"settled" in line:
-                    settled.set()
-        threading.Thread(target=watch, daemon=True).start()
-        # The hold: from all idling (the bench says so on stderr) to its end.
+        load0 = bl.load_average()
+        run = bl.BenchRun(cmd, args.ramp + 2 * args.hold + 200)
+        # The hold: from all idling (imapshim's gauges say so) to its end.
         deadline = time.monotonic() + args.ramp + 120
         while True:
-            m = metrics(status_port)
+            m = poll_metrics(status_port)
             idling = m.get('imapshim_clients{state="parked"}', 0) + \
                 m.get('imapshim_clients{state="attached"}', 0)
             if idling >= 0.98 * args.sessions or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        t0, cpu0 = time.monotonic(), cpu_s(shim.proc.pid)
+        t0, cpu0 = time.monotonic(), bl.proc_cpu_s(shim.proc.pid)
         polls0 = m.get("imapshim_poll_lag_seconds_count", 0)
         samples = []
-        while time.monotonic() - t0 < args.hold - 5 and p.poll() is None:
+        while time.monotonic() - t0 < args.hold - 5 and run.p.poll() is None:
             time.sleep(5)
-            samples.append(metrics(status_port))
-        t1, cpu1 = time.monotonic(), cpu_s(shim.proc.pid)
-        last = samples[-1] if samples else metrics(status_port)
+            samples.append(poll_metrics(status_port))
+        t1, cpu1 = time.monotonic(), bl.proc_cpu_s(shim.proc.pid)
+        last = samples[-1] if samples else poll_metrics(status_port)
         polls = last.get("imapshim_poll_lag_seconds_count", 0) - polls0
-        req = {
-            "status_ms": timed(lambda: harness.http_get(status_port, "/status")),
-            "metrics_ms": timed(lambda: harness.http_get(status_port, "/metrics")),
-            "show_clients_ms": timed(lambda: console(shim.control_path, "show clients")),
-            "show_status_ms": timed(lambda: console(shim.control_path, "show status")),
-        }
-        out = p.communicate(timeout=args.hold + 200)[0]
-        bench = json.loads(out.decode().strip().splitlines()[-1])
+        req = bl.request_times(shim)
+        bench = run.result()
         res = {
             "scenario": "idlepoll", "sessions": args.sessions, "budget": BUDGET,
-            "interval_s": args.interval,
+            "interval_s": args.interval, "hold_s": t1 - t0,
             "parked": last.get('imapshim_clients{state="parked"}'),
             "polls_needed_per_s": args.sessions / args.interval,
             "polls_per_s": polls / (t1 - t0),
@@ -176,33 +125,43 @@ def main():
             "lag_avg_s": last.get("imapshim_poll_lag_avg_seconds"),
             "achieved_interval_s": last.get("imapshim_poll_interval_seconds"),
             "cpu_us_per_poll": 1e6 * (cpu1 - cpu0) / polls if polls else None,
-            "cpu_share": (cpu1 - cpu0) / (t1 - t0),
+            "cpu_share_pct": 100.0 * (cpu1 - cpu0) / (t1 - t0),
             "bench_errors": bench.get("errors_total"),
+            "load_average": (load0, bl.load_average()),
         }
         res.update(req)
-        print("idlepoll: %d clients, budget %d, idle_poll_interval %gs, hold %.0fs"
-              % (args.sessions, BUDGET, args.interval, t1 - t0))
-        print("  polls/s needed %.1f, done %.1f; lag max %.2fs avg %.2fs; achieved "
-              "interval %.1fs" % (res["polls_needed_per_s"], res["polls_per_s"],
-                                  res["lag_max_s"] or 0, res["lag_avg_s"] or 0,
-                                  res["achieved_interval_s"] or 0))
-        print("  imapshim CPU %.0f us per poll (%.0f%% of a core); /status %.1f ms, "
-              "/metrics %.1f ms, show clients %.1f ms, show status %.1f ms"
-              % (res["cpu_us_per_poll"] or 0, 100 * res["cpu_share"],
-                 req["status_ms"], req["metrics_ms"], req["show_clients_ms"],
-                 req["show_status_ms"]))
-        print(json.dumps(res))
+        prev = bl.load_last(args.last)
+        print("idlepoll: %d clients, budget %d, idle_poll_interval %gs, hold %.0fs; "
+              "load average %.2f before, %.2f after"
+              % (args.sessions, BUDGET, args.interval, t1 - t0, *res["load_average"]),
+              file=out)
+        if prev and (prev.get("sessions"), prev.get("interval_s")) != \
+                (args.sessions, args.interval):
+            print("  (last run: %s clients, idle_poll_interval %gs)"
+                  % (prev.get("sessions"), prev.get("interval_s") or 0), file=out)
+        bl.print_rows([
+            ("clients", "sessions", "d"),
+            ("polls/s needed (clients / interval)", "polls_needed_per_s", ".1f"),
+            ("polls/s done", "polls_per_s", ".1f"),
+            ("poll lag, worst s", "lag_max_s", ".2f"),
+            ("poll lag, average s", "lag_avg_s", ".2f"),
+            ("achieved poll interval s", "achieved_interval_s", ".1f"),
+            ("imapshim CPU per poll, us", "cpu_us_per_poll", ".0f"),
+            ("imapshim CPU, % of a core", "cpu_share_pct", ".0f"),
+            ("GET /status ms", "status_ms", ".1f"),
+            ("GET /metrics ms", "metrics_ms", ".1f"),
+            ("console show clients ms", "show_clients_ms", ".1f"),
+            ("console show status ms", "show_status_ms", ".1f"),
+            ("load generator errors", "bench_errors", "d")], res, prev, out)
+        print(json.dumps(res), file=out)
+        bl.save_last(args.last, res)
         if bench.get("errors_total"):
             print("poll-bench: the load generator saw errors %r:\n%s"
-                  % (bench.get("errors"), b"".join(errlines[-20:]).decode(errors="replace")),
+                  % (bench.get("errors"), "\n".join(bench["stderr"].splitlines()[-20:])),
                   file=sys.stderr)
         return 0 if not bench.get("errors_total") else 1
     finally:
-        if shim is not None:
-            shim.stop()
-        if dv is not None:
-            dv.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        bl.cleanup(tmp, args.keep, shim, dv, out=out)
 
 
 if __name__ == "__main__":

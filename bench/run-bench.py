@@ -12,7 +12,11 @@ mailbox*NPUMAdmin1) and through imapshim ("shim", login
 example.com/NPUMAdmin1/mailbox): direct, shim, direct, shim.  Around every run
 it samples imapshim's CPU time (utime + stime from /proc/PID/stat), Dovecot's
 log (successful logins) and, during the run, the established loopback TCP
-connections to each port (/proc/net/tcp), and prints one table.
+connections to each port (/proc/net/tcp), and prints one table, with the
+previous run's figures and what one core carries under it.  --upstream fake
+puts tests/integration/fake_exchange.py behind imapshim instead (idle only):
+imapshim's memory at 10,000 and more idle clients.  Shared helpers:
+benchlib.py.
 
 Only the Python standard library.  Bounded: every bench run is killed after
 its duration + 40 s, and the whole run takes about 4 minutes (--quick: about
@@ -24,31 +28,31 @@ import argparse
 import json
 import os
 import re
-import resource
 import secrets
-import shutil
-import subprocess
 import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
+import benchlib as bl
+from benchlib import fmt, harness
 
-import harness  # noqa: E402
+import fake_exchange  # noqa: E402  (tests/integration, on the path benchlib set)
 
 ADMIN = "NPUMAdmin1"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 IDLE_SESSIONS = 2000         # the issue's figure; fewer if RLIMIT_NOFILE is low
 IDLE_RAMP_S = 25             # logins spread over at least this many seconds...
 IDLE_RAMP_RATE = 300         # ...and at most this many a second
+FAKE_RAMP_RATE = 50          # the fake Exchange (Python, a thread and a TLS
+                             # handshake per upstream login) with budget 16:
+                             # about 60 logins a second on a loaded 2-core box
 IDLE_BUDGET = 16
 # Memory is read this long after the last client went idle: twice the time
 # imapshim takes to give a quiet session's TLS buffers back (2 s quiet, seen
 # by a 2 s tick) and then its free heap to the system.
 IDLE_SETTLE_S = 8
 LAST_JSON = "bench-last.json"   # the previous run's rows, in the build directory
+POLL_LAST_JSON = "bench-poll-last.json"     # poll-bench.py's, for "one core"
 CHURN_MAILBOXES = 200        # issue 15's measurement: 50 clients over 200
 # churn's pool: every mailbox keeps its upstream session (a warm pool), and
 # logins are not paced below what Dovecot takes, so the first run warms it
@@ -86,13 +90,6 @@ SCENARIOS = [
 
 # ------------------------------------------------------------- sampling
 
-def proc_cpu_s(pid):
-    """utime + stime of pid in seconds (fields 14 and 15 of /proc/PID/stat)."""
-    with open("/proc/%d/stat" % pid) as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK
-
-
 def group_pss_kib(pgid):
     """Proportional set size (shared pages split between sharers) summed
     over every process of process group pgid: Dovecot's master and all its
@@ -116,44 +113,9 @@ def group_pss_kib(pgid):
     return total
 
 
-def proc_kib(pid, name="status", key="VmRSS:"):
-    """A "key: N kB" figure of /proc/PID/name (VmRSS by default)."""
-    with open("/proc/%d/%s" % (pid, name)) as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    return None
-
-
-def proc_rss_kib(pid):
-    return proc_kib(pid)
-
-
 def shim_heap(shim):
     """imapshim's heap in use (its /metrics gauge), bytes."""
-    port = int(shim.config["shim"]["status_listen"].rsplit(":", 1)[1])
-    return harness.metric(port, "imapshim_heap_in_use_bytes")
-
-
-class SettleWatch(threading.Thread):
-    """Collects imapshim-bench's stderr; when the idle run says it has
-    settled (every client idle for --settle s), samples imapshim's heap
-    gauge while the clients still hold."""
-
-    def __init__(self, stream, shim):
-        super().__init__(daemon=True)
-        self.stream, self.shim = stream, shim
-        self.lines, self.heap = [], None
-
-    def run(self):
-        for raw in self.stream:
-            line = raw.decode(errors="replace")
-            self.lines.append(line)
-            if "imapshim-bench: settled:" in line and self.shim is not None:
-                try:
-                    self.heap = shim_heap(self.shim)
-                except OSError:
-                    pass
+    return harness.metric(bl.status_port(shim), "imapshim_heap_in_use_bytes")
 
 
 def _read_all(path):
@@ -192,11 +154,12 @@ def established_to(ports):
 
 
 class PeakSampler(threading.Thread):
-    """Peak established connections to each port, sampled every 50 ms."""
+    """Peak established connections to each port, sampled every interval
+    seconds."""
 
-    def __init__(self, ports, pss_pgid=None):
+    def __init__(self, ports, pss_pgid=None, interval=0.05):
         super().__init__(daemon=True)
-        self.ports = ports
+        self.ports, self.interval = ports, interval
         self.peak = dict.fromkeys(ports, 0)
         self.pss_pgid = pss_pgid        # also track this group's peak PSS
         self.peak_pss = 0
@@ -210,7 +173,7 @@ class PeakSampler(threading.Thread):
             if self.pss_pgid and time.monotonic() - last_pss >= 1.0:
                 last_pss = time.monotonic()
                 self.peak_pss = max(self.peak_pss, group_pss_kib(self.pss_pgid))
-            self.stop_ev.wait(0.05)
+            self.stop_ev.wait(self.interval)
 
     def stop(self):
         self.stop_ev.set()
@@ -239,6 +202,20 @@ class LogCounter:
             return len(self.RE.findall(f.read().decode(errors="replace")))
 
 
+class FakeLogins:
+    """LogCounter's count for the fake upstream (--upstream fake): its
+    record of successful LOGINs."""
+
+    def __init__(self, fake):
+        self.fake, self.off = fake, 0
+
+    def mark(self):
+        self.off = len(self.fake.logins(ok=True))
+
+    def count(self):
+        return len(self.fake.logins(ok=True)) - self.off
+
+
 # ------------------------------------------------------------- setup
 
 def populate(dv, mailboxes, per_box):
@@ -255,32 +232,20 @@ def populate(dv, mailboxes, per_box):
             c.command("LOGOUT")
 
 
-def machine():
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return "%d CPUs (nproc), %s" % (os.cpu_count() or 0, model)
-
-
 # ------------------------------------------------------------- runs
 
 def shim_tls_handshakes(shim):
     """(full, resumed) upstream TLS handshakes from imapshim's /metrics."""
-    port = int(shim.config["shim"]["status_listen"].rsplit(":", 1)[1])
-    return tuple(int(harness.metric(port, "imapshim_upstream_tls_handshakes_total",
+    return tuple(int(harness.metric(bl.status_port(shim), "imapshim_upstream_tls_handshakes_total",
                                     resumed=r) or 0) for r in ("no", "yes"))
 
 
-def run_bench(args, env, scen, opts, target, dv, shim, dvlog):
-    """One imapshim-bench run; returns its JSON plus the samples."""
+def run_bench(args, env, scen, opts, target, shim, uplog):
+    """One imapshim-bench run; returns its JSON plus the samples.  env:
+    the CA and password file, and the upstream's port and (Dovecot) process
+    group; uplog counts the upstream's logins (LogCounter, FakeLogins)."""
     if target == "direct":
-        port, user_fmt = dv.port_imaps, "%s*" + ADMIN
+        port, user_fmt = env["up_port"], "%s*" + ADMIN
     else:
         port, user_fmt = shim.port, "example.com/%s/%%s" % ADMIN
     cmd = [args.bench, "--host", harness.HOST, "--port", str(port), "--tls",
@@ -291,45 +256,42 @@ def run_bench(args, env, scen, opts, target, dv, shim, dvlog):
         cmd += ["--poll-interval", str(args.poll_interval)]
     if target == "shim" and scen == "idle":
         cmd += ["--pid", str(shim.proc.pid)]
-    sampler = PeakSampler([dv.port_imaps, shim.port],
-                          pss_pgid=dv.proc.pid if scen == "idle" else None)
-    dvlog.mark()
-    cpu0 = proc_cpu_s(shim.proc.pid)
-    rss0 = proc_rss_kib(shim.proc.pid)
+    # /proc/net/tcp at 20,000 sockets is megabytes: read it less often
+    sampler = PeakSampler([env["up_port"], shim.port],
+                          pss_pgid=env["up_pgid"] if scen == "idle" else None,
+                          interval=0.05 if args.idle_sessions <= IDLE_SESSIONS else 1.0)
+    uplog.mark()
+    cpu0 = bl.proc_cpu_s(shim.proc.pid)
+    rss0 = bl.proc_kib(shim.proc.pid)
     tls0 = shim_tls_handshakes(shim)
-    heap0 = shim_heap(shim) if target == "shim" and scen == "idle" else None
+    heap = {}
+    if target == "shim" and scen == "idle":
+        heap["before"] = shim_heap(shim)
+
+    def on_line(line):
+        # settled: every client idle for --settle s; the heap gauge now,
+        # while the clients still hold
+        if "imapshim-bench: settled:" in line and heap:
+            try:
+                heap["after"] = shim_heap(shim)
+            except OSError:
+                pass
     sampler.start()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    watch = SettleWatch(p.stderr, shim if heap0 is not None else None)
-    watch.start()
-    killer = threading.Timer(duration_for(args, scen) + 60, p.kill)
-    killer.start()
+    run = bl.BenchRun(cmd, duration_for(args, scen) + 60, on_line)
     try:
-        stdout = p.stdout.read()
-        p.wait()
+        res = run.result()
     finally:
-        killer.cancel()
         peak = sampler.stop()
-        watch.join(5)
-    cpu1 = proc_cpu_s(shim.proc.pid)
-    rss1 = proc_rss_kib(shim.proc.pid)
+    cpu1 = bl.proc_cpu_s(shim.proc.pid)
+    rss1 = bl.proc_kib(shim.proc.pid)
     tls1 = shim_tls_handshakes(shim)
     time.sleep(0.3)                         # Dovecot's log is written async
-    lines = stdout.decode(errors="replace").strip().splitlines()
-    try:
-        res = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        raise harness.HarnessError("%s %s: no JSON (exit %d)\n%s"
-                                   % (scen, target, p.returncode,
-                                      "".join(watch.lines)[-3000:]))
-    res["exit"] = p.returncode
-    res["stderr"] = "".join(watch.lines)
-    if heap0 is not None and watch.heap is not None and res.get("idling"):
-        res["heap_per_session_kib"] = (watch.heap - heap0) / 1024.0 / res["idling"]
+    if heap.get("after") is not None and res.get("idling"):
+        res["heap_per_session_kib"] = (heap["after"] - heap["before"]) / 1024.0 / res["idling"]
     res["shim_cpu_s"] = cpu1 - cpu0
     res["shim_rss_kib"] = (rss0, rss1)
-    res["dovecot_logins"] = dvlog.count()
-    res["peak_to_dovecot"] = peak[dv.port_imaps]
+    res["dovecot_logins"] = uplog.count()
+    res["peak_to_dovecot"] = peak[env["up_port"]]
     res["peak_to_shim"] = peak[shim.port]
     res["dovecot_pss_kib"] = sampler.peak_pss or None
     res["tls_full"], res["tls_resumed"] = tls1[0] - tls0[0], tls1[1] - tls0[1]
@@ -341,8 +303,11 @@ def idle_ramp_s(n, ramp=None):
 
 
 def idle_opts(n, ramp):
+    # above the issue's 2,000 a client may wait its turn in imapshim's queue
+    # longer than the default 30 s: a timeout would reconnect and add load
     return ["--sessions", str(n), "--ramp", "%g" % idle_ramp_s(n, ramp),
-            "--settle", str(IDLE_SETTLE_S)]
+            "--settle", str(IDLE_SETTLE_S)] + (["--timeout", "120"] if n > IDLE_SESSIONS
+                                               else [])
 
 
 def duration_for(args, scen):
@@ -378,6 +343,12 @@ def summarize(scen, runs):
     # CPU over the whole run (teardown LOGOUTs included) per measured command
     row["cpu_us"] = 1e6 * sum(r["shim_cpu_s"] for r in s) / ops if ops else None
     row["cpu_s_1k"] = row["cpu_us"] / 1000.0 if row["cpu_us"] is not None else None
+    # ... per client connection (churn: each a full TLS handshake) and per
+    # scenario iteration (poll: a NOOP, UID SEARCH, STATUS round)
+    logins, cycles = sum(r["logins"] for r in s), sum(r["cycles"] for r in s)
+    cpu = sum(r["shim_cpu_s"] for r in s)
+    row["cpu_us_login"] = 1e6 * cpu / logins if logins else None
+    row["cpu_us_cycle"] = 1e6 * cpu / cycles if cycles else None
     full = sum(r["tls_full"] for r in s)
     resumed = sum(r["tls_resumed"] for r in s)
     row["tls_resumed_pct"] = 100.0 * resumed / (full + resumed) if full + resumed else None
@@ -402,10 +373,6 @@ def summarize(scen, runs):
     row["errors"] = sum(r["errors_total"] for r in runs)
     row["failed"] = [r["label"] for r in runs if r["exit"] != 0]
     return row
-
-
-def fmt(v, spec, none="-"):
-    return none if v is None else format(v, spec)
 
 
 def print_table(rows, out, last):
@@ -435,31 +402,62 @@ def print_table(rows, out, last):
                         for i, (x, w) in enumerate(zip(c, widths))), file=out)
 
 
-def load_last(path):
-    """{scenario: row} of the previous run (LAST_JSON), {} when none."""
+def print_one_core(rows, lrows, out):
+    """What one core of this machine carries, from the CPU imapshim spent:
+    per command (steady), per client connection with a full TLS handshake
+    (churn) and per poll of a parked IDLE client (bench-poll's last run in
+    this directory; else the poll scenario's client poll round).  Figures
+    of this run, else of the previous one."""
+    cur = {r["scenario"]: r for r in rows}
+
+    def cpu(scen, key):
+        for src, rs in (("", cur), (", last run", lrows)):
+            v = (rs.get(scen) or {}).get(key)
+            if v:
+                return v, scen + src
+        return None, None
+    cmd, cmd_src = cpu("steady", "cpu_us")
+    login, login_src = cpu("churn", "cpu_us_login")
+    poll = bl.load_last(POLL_LAST_JSON).get("cpu_us_per_poll")
+    if poll:
+        poll_src = "bench-poll's last run: a parked IDLE client's poll"
+    else:
+        poll, poll_src = cpu("poll", "cpu_us_cycle")
+        poll_src = poll_src and poll_src + ": a client's NOOP, UID SEARCH, STATUS round"
+
+    if not (cmd or login or poll):
+        return
+
+    def per_s(us):
+        return fmt(1e6 / us if us else None, ",.0f")
+    print("\none core ~ %s commands/s, %s logins/s (full TLS handshake), %s polls/s"
+          % (per_s(cmd), per_s(login), per_s(poll)), file=out)
+    print("  = 1 s / imapshim's CPU per item, each load alone: %s us per command (%s), "
+          "%s us per client\n  connection with LOGIN, SELECT, a command, LOGOUT (%s), "
+          "%s us per poll (%s)" % (fmt(cmd, ".0f"), cmd_src or "not measured",
+                                   fmt(login, ".0f"), login_src or "not measured",
+                                   fmt(poll, ".0f"), poll_src or "not measured"), file=out)
+
+
+def last_rows(last):
+    """{scenario: row} of the previous run (load_last()), {} when none."""
     try:
-        with open(path) as f:
-            return {r["scenario"]: r for r in json.load(f)["rows"]}
-    except (OSError, ValueError, KeyError, TypeError):
+        return {r["scenario"]: r for r in last.get("rows", [])}
+    except (KeyError, TypeError):
         return {}
 
 
-def print_idle_memory(row, last, out):
-    """imapshim's memory per idle client as the OS sees it, with the
-    previous run's figures beside it."""
-    prev = last.get("idle") or {}
-
-    def fig(k):
-        was = prev.get(k)
-        return "%s KiB (last run %s%s)" % (
-            fmt(row.get(k), ".1f"), fmt(was, ".1f"),
-            "" if was is None or prev.get("idling") == row.get("idling")
-            else " at %s clients" % prev.get("idling"))
-    print("  %-7s imapshim per idle client, %s: VmRSS %s, Pss %s, heap in use %s"
-          % ("idle", "%d s after the last of %s went idle" % (IDLE_SETTLE_S, row.get("idling"))
-             if row.get("settled") else
+def print_idle_memory(row, prev, upstream, out):
+    """imapshim's memory per idle client as the OS sees it, beside the
+    previous run's at the same count (prev; each count keeps its own)."""
+    print("  %-7s imapshim per idle client (upstream: %s), %s:\n"
+          "          VmRSS %s, Pss %s, heap in use %s"
+          % ("idle", upstream, "%d s after the last of %s went idle"
+             % (IDLE_SETTLE_S, row.get("idling")) if row.get("settled") else
              "NOT SETTLED (%s idle at the end; heap not read)" % row.get("idling"),
-             fig("rss"), fig("pss"), fig("heap")), file=out)
+             bl.with_last(row.get("rss"), prev.get("rss"), ".1f", " KiB"),
+             bl.with_last(row.get("pss"), prev.get("pss"), ".1f", " KiB"),
+             bl.with_last(row.get("heap"), prev.get("heap"), ".1f", " KiB")), file=out)
 
 
 def print_details(scen, runs, out):
@@ -507,16 +505,9 @@ def print_details(scen, runs, out):
 
 def raise_fd_limit(wanted):
     """Lift the soft RLIMIT_NOFILE to the hard one (inherited by Dovecot,
-    imapshim and the load generator); returns how many of the wanted idle
-    sessions fit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
-    if soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
-        except (ValueError, OSError):
-            pass
+    imapshim and the load generator, each a process with its own count);
+    returns how many of the wanted idle sessions fit."""
+    soft, _ = bl.raise_nofile()
     # each idle session is a descriptor in the load generator, in imapshim
     # and (direct runs, only up to IDLE_SESSIONS) in Dovecot's login process
     room = soft - 300 if wanted > IDLE_SESSIONS else (soft - 200) // 2
@@ -540,6 +531,10 @@ def main():
                     "%d, or %d a second for more)" % (IDLE_RAMP_S, IDLE_RAMP_RATE))
     ap.add_argument("--shim-only", action="store_true",
                     help="skip the direct runs (e.g. to measure imapshim's memory)")
+    ap.add_argument("--upstream", choices=("dovecot", "fake"), default="dovecot",
+                    help="fake: imapshim's upstream is tests/integration/fake_exchange.py "
+                    "(idle only, imapshim only): the memory figures at 10,000 and more "
+                    "clients, which direct Dovecot cannot hold here")
     ap.add_argument("--json", help="also write every run's result here")
     ap.add_argument("--last", default=LAST_JSON,
                     help="the previous run's figures, read and then replaced "
@@ -552,7 +547,11 @@ def main():
     for b in (args.shim, args.bench):
         if not os.access(b, os.X_OK):
             sys.exit("run-bench: %s is not an executable file" % b)
-    if not harness.which("dovecot"):
+    if args.upstream == "fake":
+        if wanted != ["idle"]:
+            sys.exit("run-bench: --upstream fake runs only --scenarios idle")
+        args.shim_only = True
+    elif not harness.which("dovecot"):
         print("run-bench: dovecot is not installed; skipping (apt-get install dovecot-imapd)")
         return 77
 
@@ -561,6 +560,8 @@ def main():
         print("run-bench: RLIMIT_NOFILE allows %d idle sessions, not %d"
               % (idle_sessions, args.idle_sessions), file=sys.stderr)
     args.idle_sessions = idle_sessions
+    if args.upstream == "fake" and args.idle_ramp is None:
+        args.idle_ramp = max(IDLE_RAMP_S, idle_sessions / FAKE_RAMP_RATE)
     for i, sc in enumerate(SCENARIOS):
         if sc[0] == "idle":
             SCENARIOS[i] = (sc[0], idle_opts(idle_sessions, args.idle_ramp), sc[2],
@@ -569,34 +570,44 @@ def main():
     tmp = harness.make_tempdir("imapshim-bench-")
     admins = {"NPUMAdmin1": "Adm1n-" + secrets.token_hex(12),
               "NPUMAdmin2": "Adm2n-" + secrets.token_hex(12)}
-    dv = shim = None
+    dv = fake = shim = None
     rows, allruns, failed = [], [], False
     out = sys.stdout
     try:
         pki = harness.Pki(os.path.join(tmp, "pki"))
-        dv = harness.Dovecot(os.path.join(tmp, "dovecot"), pki, admins,
-                             max_sessions=idle_sessions + 100).start()
+        if args.upstream == "fake":
+            # Exchange's login format; one small message a mailbox (the
+            # fake keeps every mailbox it was asked for in memory)
+            fake = fake_exchange.FakeExchange(
+                cert=pki.server, admins=admins, max_connections_per_user=1000,
+                messages_per_mailbox=1, message_size=512, keep_closed=False).start()
+            up_port, login_format, uplog = fake.port, None, FakeLogins(fake)
+        else:
+            dv = harness.Dovecot(os.path.join(tmp, "dovecot"), pki, admins,
+                                 max_sessions=idle_sessions + 100).start()
+            up_port, login_format = dv.port_imaps, "{mailbox}*{admin}"
+            uplog = LogCounter(dv.log_path)
         shim = harness.ImapShim(
-            args.shim, os.path.join(tmp, "shim"), pki, dv.port_imaps, admins,
+            args.shim, os.path.join(tmp, "shim"), pki, up_port, admins,
             config={"shim": {"log_level": "warn", "max_unauth_per_ip": "8192",
                              "max_clients": str(idle_sessions + 1000),
                              "status_listen": "%s:%d" % (harness.HOST, harness.free_port())},
-                    "upstream": {"login_format": "{mailbox}*{admin}"},
+                    "upstream": {"login_format": login_format},
                     "pool": {"mode": "multiplex"},
                     # session_budget bounds every scenario; churn's 256
                     # sessions for 200 mailboxes need both accounts' room
                     "admin NPUMAdmin1": {"max_sessions": "128"},
                     "admin NPUMAdmin2": {"max_sessions": "128"}},
             starttls=False, name="imapshim-bench")
-        env = {"ca": pki.ca.cert,
+        env = {"ca": pki.ca.cert, "up_port": up_port,
+               "up_pgid": dv.proc.pid if dv is not None else None,
                "pwfile": harness.write_file(os.path.join(tmp, "bench.pw"),
                                             admins[ADMIN] + "\n")}
-        churn = any(w.startswith("churn") for w in wanted)
-        populate(dv, range(0, CHURN_MAILBOXES if churn else 32), 4)
-        dvlog = LogCounter(dv.log_path)
+        if dv is not None:
+            churn = any(w.startswith("churn") for w in wanted)
+            populate(dv, range(0, CHURN_MAILBOXES if churn else 32), 4)
 
-        print("imapshim bench: %s; %s" % (machine(), time.strftime("%Y-%m-%d %H:%M:%S")),
-              file=out)
+        bl.banner("imapshim bench", out)
         print("  %g s per run, direct/shim alternated twice per scenario (idle: %g s, once "
               "each), a fresh imapshim per scenario;\n  TLS on every hop; imapshim %s: multiplex mode, "
               "budget 16 (idle, poll), 256 (churn) or 32, 2 admins, default limits and timeouts"
@@ -622,7 +633,7 @@ def main():
             for target in targets:
                 if not shim.alive():
                     raise harness.HarnessError("imapshim died:\n" + shim.log_text()[-3000:])
-                r = run_bench(args, env, scen, opts, target, dv, shim, dvlog)
+                r = run_bench(args, env, scen, opts, target, shim, uplog)
                 r["scenario"], r["scenario_desc"] = scen, what
                 runs.append(r)
                 if r["exit"] != 0:
@@ -637,16 +648,22 @@ def main():
             allruns.extend(runs)
             rows.append(summarize(scen, runs))
         print("", file=out)
-        last = load_last(args.last)
-        print_table(rows, out, last)
+        last = bl.load_last(args.last)
+        lrows = last_rows(last)
+        idle_last = last.get("idle_by_clients") or {}
+        print_table(rows, out, lrows)
+        print_one_core(rows, lrows, out)
         print("", file=out)
         for scen, _, _, what in SCENARIOS:
             rs = [r for r in allruns if r["scenario"] == scen]
             if rs:
                 print_details(scen, rs, out)
             if scen == "idle" and rs:
-                print_idle_memory(rows[[r["scenario"] for r in rows].index("idle")],
-                                  last, out)
+                row = rows[[r["scenario"] for r in rows].index("idle")]
+                print_idle_memory(row, idle_last.get(str(idle_sessions), {}),
+                                  args.upstream, out)
+                idle_last[str(idle_sessions)] = {
+                    k: row[k] for k in ("rss", "pss", "heap", "idling", "settled")}
         print("", file=out)
         print("  ratio = shim ops/s / direct ops/s; p50/p99 +ms = latency added over all "
               "commands (mean of runs);\n  CPU = imapshim utime+stime in seconds per 1000 "
@@ -662,25 +679,17 @@ def main():
               "excluded): " + ", ".join(checks), file=out)
         print("  total %.0f s" % (time.monotonic() - t_start), file=out)
         # the next run prints these figures beside its own
-        with open(args.last, "w") as f:
-            json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "rows": rows
-                       + [v for k, v in last.items()
-                          if k not in [r["scenario"] for r in rows]]}, f)
+        bl.save_last(args.last, {
+            "rows": rows + [v for k, v in lrows.items()
+                            if k not in [r["scenario"] for r in rows]],
+            "idle_by_clients": idle_last})
         if args.json:
             with open(args.json, "w") as f:
                 for r in allruns:
                     json.dump({k: v for k, v in r.items() if k != "stderr"}, f)
                     f.write("\n")
     finally:
-        if shim is not None:
-            shim.stop()
-        if dv is not None:
-            dv.stop()
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print("  kept %s" % tmp, file=out)
+        bl.cleanup(tmp, args.keep, shim, dv, fake, out=out)
     return 1 if failed else 0
 
 

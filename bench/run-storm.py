@@ -4,8 +4,8 @@ run-storm.py - the `make bench-storm` driver: a platform restart, every
 mailbox reconnecting at once, through imapshim to a private Dovecot.
 
 Issue 15's finding, reproduced: N clients (default 19,000, or the largest
-count this machine's RLIMIT_NOFILE lets imapshim hold: one descriptor per
-client plus one per upstream session), each its own mailbox, 128 connecting
+count this machine's RLIMIT_NOFILE lets imapshim hold: a descriptor per
+client; imapshim fits its upstream sessions into what is left), each its own mailbox, 128 connecting
 at a time (imapshim-bench --scenario storm), LOGIN + SELECT INBOX + IDLE;
 imapshim in multiplex mode, session_budget 2,048, ONE admin account with
 max_sessions 2,048, login_rate 1000, TLS on both sides, one upstream server
@@ -14,38 +14,38 @@ an imap process).
 Parked clients poll every 5 minutes, so the figure is the restart itself,
 not the steady polling after it.
 
-Prints: clients idling, failed clients (by error kind), the time until all
-idled (at most --max-seconds, 600), the peak of upstream sessions,
-upstream handshake timeouts
-(upstream_fail class=timeout), overload events and server_down events, and
-imapshim's VmRSS after the storm settled; beside each figure the previous
-run's (bench-storm-last.json in the current directory).  Exit status 0 when
-every client reached IDLE and none failed, 1 otherwise, 77 without Dovecot.
+Once every client idles, a latency probe: 200 clients spread over the set
+(--probe) each end IDLE (DONE), send NOOP and IDLE again, 5 rounds; then
+one GET /status, GET /metrics and console "show clients" / "show status"
+are timed (median of 5) with every client connected.
 
-Shares its sampling helpers with run-bench.py; only the standard library.
+Prints: clients idling, failed clients (by error kind), the time until all
+idled (at most --max-seconds, 600), the peak of upstream sessions and the
+peak and low of imapshim's effective budget (the pool's budget as the
+open-file limit lets it be), upstream handshake timeouts
+(upstream_fail class=timeout), overload events and server_down events,
+imapshim's VmRSS after the storm settled, the probe's DONE and NOOP p50/p99
+and the request times; beside each figure the previous run's at the same
+client count (bench-storm-last.json in the current directory, a record per
+count), and the probe's latency against the 200-client run's.  Exit status
+0 when every client reached IDLE and none failed, 1 otherwise, 77 without
+Dovecot.
+
+Helpers shared with the other drivers are in benchlib.py; only the
+standard library.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import re
-import resource
 import secrets
-import shutil
-import subprocess
 import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
-
-import harness  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("run_bench", os.path.join(HERE, "run-bench.py"))
-rb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rb)
+import benchlib as bl
+from benchlib import harness
 
 ADMIN = "NPUMAdmin1"
 CLIENTS = 19000
@@ -54,25 +54,34 @@ CONCURRENCY = 128
 SETTLE_S = 5
 MAX_S = 600                  # the issue watched 300 s; a busy 2-core box needs more
 LAST_JSON = "bench-storm-last.json"
-FD_SPARE = 200               # listeners, status, logs, libevent, Dovecot's own
+FD_SPARE = 200               # listeners, status, logs, libevent, a few upstream
+PROBE = 200                  # clients in the latency probe (all of a 200 run)
+PROBE_ROUNDS = 5
+BASE = 200                   # the latency figures compare with this count's
+HOLD_S = 120                 # bench holds after the probe; SIGINT ends it sooner
 
 
 class MetricPeak(threading.Thread):
-    """Peak of imapshim's upstream sessions (the sum of
-    imapshim_upstream_sessions), read from /metrics every 0.5 s: cheaper
-    than walking /proc/net/tcp at 20,000 sockets."""
+    """From /metrics every 0.5 s (cheaper than walking /proc/net/tcp at
+    20,000 sockets): the peak of upstream sessions (the sum of
+    imapshim_upstream_sessions) and the peak and low of
+    imapshim_pool_effective_budget (None while imapshim has no such
+    gauge)."""
 
     def __init__(self, port):
         super().__init__(daemon=True)
-        self.port, self.peak, self.stop_ev = port, 0, threading.Event()
+        self.port, self.stop_ev = port, threading.Event()
+        self.peak, self.budget = 0, []
 
     def run(self):
         while not self.stop_ev.is_set():
             try:
-                text = harness.http_get(self.port, "/metrics")
-                n = sum(float(v) for v in re.findall(
-                    r"^imapshim_upstream_sessions\{[^}]*\} (\S+)$", text, re.M))
-                self.peak = max(self.peak, int(n))
+                m = bl.metrics(self.port)
+                self.peak = max(self.peak, int(bl.metric_sum(m, "imapshim_upstream_sessions")
+                                               or 0))
+                b = bl.metric_sum(m, "imapshim_pool_effective_budget")
+                if b is not None:
+                    self.budget.append(int(b))
             except OSError:
                 pass
             self.stop_ev.wait(0.5)
@@ -83,23 +92,42 @@ class MetricPeak(threading.Thread):
         return self.peak
 
 
-def fit_clients(wanted, budget):
+def fit_clients(wanted):
     """Lift the soft RLIMIT_NOFILE to the hard one; the clients imapshim
-    can hold beside its upstream sessions."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return max(128, min(wanted, hard - budget - FD_SPARE)), hard
+    can hold.  Only the clients must fit (and a spare): imapshim fits its
+    upstream sessions into the rest.  The load generator is a process of
+    its own with the same limit."""
+    _, hard = bl.raise_nofile()
+    return max(128, min(wanted, hard - FD_SPARE)), hard
 
 
-def load_last(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+def by_clients(last):
+    """The previous runs' records by client count ({"19000": {...}});
+    a file of the older format (one run's "figures") counts as its size's."""
+    runs = dict(last.get("by_clients") or {})
+    if "figures" in last:
+        runs.setdefault(str(last["figures"].get("clients")), last)
+    return runs
+
+
+def latency_ratios(fig, runs, n, out):
+    """The probe's latency at n clients over the 200-client run's (this
+    run's when n is 200, against the largest count stored)."""
+    keys = ("done_p50_ms", "done_p99_ms", "noop_p50_ms", "noop_p99_ms")
+    if n == BASE:
+        big = [int(k) for k in runs if k.isdigit() and int(k) > BASE]
+        if not big:
+            return
+        hi, lo, what = runs[str(max(big))]["figures"], fig, "stored %d-client run" % max(big)
+    elif str(BASE) in runs:
+        hi, lo, what = fig, runs[str(BASE)]["figures"], "this run"
+    else:
+        return
+    parts = ["%s %s" % (k[:-3].replace("_", " "),
+                        bl.fmt(hi[k] / lo[k] if hi.get(k) and lo.get(k) else None, ".2f"))
+             for k in keys]
+    print("  latency at %s clients / at %d (%s; target <= 2): %s"
+          % (hi.get("clients"), BASE, what, ", ".join(parts)), file=out)
 
 
 def main():
@@ -113,6 +141,8 @@ def main():
                     help="clients connecting at a time")
     ap.add_argument("--pool", action="append", default=[], metavar="KEY=VALUE",
                     help="another [pool] setting, e.g. max_logins_in_flight=64")
+    ap.add_argument("--probe", type=int, default=PROBE,
+                    help="clients in the latency probe once all idle (0: none)")
     ap.add_argument("--max-seconds", type=float, default=MAX_S,
                     help="end the storm after this long even if not all idle")
     ap.add_argument("--log-level", default="warn", help="imapshim's (info: every login)")
@@ -122,12 +152,11 @@ def main():
     if not harness.which("dovecot"):
         print("run-storm: dovecot is not installed; skipping")
         return 77
-    n, hard = fit_clients(args.clients, args.budget)
+    n, hard = fit_clients(args.clients)
     note = ""
     if n < args.clients:
-        note = ("%d clients, not %d: imapshim needs a descriptor per client and per "
-                "upstream session (budget %d) under the hard RLIMIT_NOFILE of %d"
-                % (n, args.clients, args.budget, hard))
+        note = ("%d clients, not %d: imapshim needs a descriptor per client under the "
+                "hard RLIMIT_NOFILE of %d" % (n, args.clients, hard))
         print("run-storm: " + note, file=sys.stderr)
 
     tmp = harness.make_tempdir("imapshim-storm-")
@@ -158,8 +187,7 @@ def main():
             starttls=False, name="imapshim-storm")
         shim.start()
         pw = harness.write_file(os.path.join(tmp, "bench.pw"), admins[ADMIN] + "\n")
-        print("imapshim storm: %s; %s" % (rb.machine(), time.strftime("%Y-%m-%d %H:%M:%S")),
-              file=out)
+        bl.banner("imapshim storm", out)
         print("  %d clients, each its own mailbox, %d connecting at a time: LOGIN, SELECT, "
               "IDLE; TLS both sides;\n  imapshim multiplex, %s; one admin "
               "(max_sessions %d), one upstream server (Dovecot)"
@@ -176,29 +204,24 @@ def main():
                "--user-format", "example.com/%s/%%s" % ADMIN, "--scenario", "storm",
                "--sessions", str(n), "--connect-concurrency", str(args.concurrency),
                "--settle", str(SETTLE_S), "--duration", str(args.max_seconds), "--timeout", "120",
-               "--pid", str(shim.proc.pid), "--label", "storm"]
+               "--probe", str(args.probe), "--probe-rounds", str(PROBE_ROUNDS),
+               "--hold", str(HOLD_S), "--pid", str(shim.proc.pid), "--label", "storm"]
         t0 = time.monotonic()
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        errs = []
-        reader = threading.Thread(target=lambda: errs.extend(p.stderr), daemon=True)
-        reader.start()
-        killer = threading.Timer(args.max_seconds + 90, p.kill)
-        killer.start()
+        run = bl.BenchRun(cmd, args.max_seconds + HOLD_S + 90)
+        # every client idle again after the probe: the requests' cost at
+        # this size, then the end (the bench would hang up after HOLD_S)
+        req = {}
+        if run.wait_line("imapshim-bench: probed:" if args.probe else
+                         "imapshim-bench: settled:", args.max_seconds + 60):
+            req = bl.request_times(shim)
+            run.interrupt()
         try:
-            stdout = p.stdout.read()
-            p.wait()
+            res = run.result()
         finally:
-            killer.cancel()
             peak = sampler.stop()
-            reader.join(5)
         wall = time.monotonic() - t0
-        lines = stdout.decode(errors="replace").strip().splitlines()
-        try:
-            res = json.loads(lines[-1])
-        except (IndexError, ValueError):
-            raise harness.HarnessError("no JSON from imapshim-bench (exit %d):\n%s" % (
-                p.returncode, b"".join(errs).decode(errors="replace")[-3000:]))
         log = shim.log_text(this_run=True)
+        latency = res.get("latency_ms", {})
         fig = {
             "clients": n,
             "idling": res.get("idling"),
@@ -207,63 +230,79 @@ def main():
             "errors_total": res.get("errors_total"),
             "all_idle_s": res.get("all_idle_s"),
             "peak_upstream": peak,
+            "budget_peak": max(sampler.budget) if sampler.budget else None,
+            "budget_min": min(sampler.budget) if sampler.budget else None,
             "handshake_timeouts": len(re.findall(
                 r"event=upstream_fail .*stage=handshake class=timeout", log)),
             "upstream_timeouts": len(re.findall(r"event=upstream_fail .*class=timeout", log)),
             "overloads": len(re.findall(r"event=server_overload ", log)),
             "server_down": len(re.findall(r"event=retry_server_down ", log)),
             "rss_mib": (res.get("rss_kib_after") or 0) / 1024.0,
-            "login_p50_ms": res.get("latency_ms", {}).get("login", {}).get("p50"),
-            "login_p99_ms": res.get("latency_ms", {}).get("login", {}).get("p99"),
+            "login_p50_ms": latency.get("login", {}).get("p50"),
+            "login_p99_ms": latency.get("login", {}).get("p99"),
+            "done_p50_ms": latency.get("idle_done", {}).get("p50"),
+            "done_p99_ms": latency.get("idle_done", {}).get("p99"),
+            "noop_p50_ms": latency.get("noop", {}).get("p50"),
+            "noop_p99_ms": latency.get("noop", {}).get("p99"),
+            "probe_n": latency.get("noop", {}).get("n"),
+            "probe_unfinished": res.get("probe_unfinished"),
             "wall_s": wall,
-            "bench_exit": p.returncode,
+            "bench_exit": res["exit"],
         }
-        last = load_last(args.last).get("figures", {})
+        fig.update(req)
+        runs = by_clients(bl.load_last(args.last))
+        last = (runs.get(str(n)) or {}).get("figures", {})
 
-        def row(label, key, spec):
-            v, w = fig.get(key), last.get(key)
-            print("  %-38s %12s   (last run %s)" % (label, rb.fmt(v, spec),
-                                                   rb.fmt(w, spec)), file=out)
         print("", file=out)
-        row("clients idling (of %d)" % n, "idling", "d")
-        row("failed clients (never idled)", "failed", "d")
-        row("client-visible errors", "errors_total", "d")
-        print("  %-38s %12s   (last run %s)" % (
+        bl.print_rows([
+            ("clients idling (of %d)" % n, "idling", "d"),
+            ("failed clients (never idled)", "failed", "d"),
+            ("client-visible errors", "errors_total", "d")], fig, last, out)
+        print("  %-42s %12s   (last: %s)" % (
             "  by error kind", json.dumps(fig["errors"]) if fig["errors"] else "none",
             json.dumps(last.get("errors")) if last.get("errors") else
             ("none" if last else "-")), file=out)
-        row("time until all idle, s", "all_idle_s", ".1f")
-        row("peak upstream sessions", "peak_upstream", "d")
-        row("upstream handshake timeouts", "handshake_timeouts", "d")
-        row("upstream timeouts, any stage", "upstream_timeouts", "d")
-        row("overload events (server_overload)", "overloads", "d")
-        row("server_down events", "server_down", "d")
-        row("imapshim VmRSS after settling, MiB", "rss_mib", ".1f")
-        row("LOGIN p50 ms", "login_p50_ms", ".1f")
-        row("LOGIN p99 ms", "login_p99_ms", ".1f")
-        print("  total %.0f s" % fig["wall_s"], file=out)
-        with open(args.last, "w") as f:
-            json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "note": note,
-                       "pool": pool, "figures": fig}, f)
+        bl.print_rows([
+            ("time until all idle, s", "all_idle_s", ".1f"),
+            ("peak upstream sessions", "peak_upstream", "d"),
+            ("effective budget, peak", "budget_peak", "d"),
+            ("effective budget, low", "budget_min", "d"),
+            ("upstream handshake timeouts", "handshake_timeouts", "d"),
+            ("upstream timeouts, any stage", "upstream_timeouts", "d"),
+            ("overload events (server_overload)", "overloads", "d"),
+            ("server_down events", "server_down", "d"),
+            ("imapshim VmRSS after settling, MiB", "rss_mib", ".1f"),
+            ("LOGIN p50 ms", "login_p50_ms", ".1f"),
+            ("LOGIN p99 ms", "login_p99_ms", ".1f"),
+            ("all idle, probe: DONE->OK p50 ms", "done_p50_ms", ".2f"),
+            ("all idle, probe: DONE->OK p99 ms", "done_p99_ms", ".2f"),
+            ("all idle, probe: NOOP p50 ms", "noop_p50_ms", ".2f"),
+            ("all idle, probe: NOOP p99 ms", "noop_p99_ms", ".2f"),
+            ("  probe NOOPs", "probe_n", "d"),
+            ("  probe clients unfinished", "probe_unfinished", "d"),
+            ("GET /status ms", "status_ms", ".1f"),
+            ("GET /metrics ms", "metrics_ms", ".1f"),
+            ("console show clients ms", "show_clients_ms", ".1f"),
+            ("console show status ms", "show_status_ms", ".1f")], fig, last, out)
+        runs[str(n)] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "note": note,
+                        "pool": pool, "figures": fig}
+        latency_ratios(fig, runs, n, out)
+        print("  total %.0f s; load average now %.2f" % (fig["wall_s"], bl.load_average()),
+              file=out)
+        bl.save_last(args.last, {"by_clients": runs})
         rc = shim.stop(timeout=60)
         if rc != 0:
             print("run-storm: imapshim exited %s after SIGTERM:\n%s"
                   % (rc, shim.log_text(this_run=True)[-2000:]), file=sys.stderr)
-        ok = fig["failed"] == 0 and not fig["errors"] and rc == 0
+        ok = fig["failed"] == 0 and not fig["errors"] and rc == 0 and \
+            not fig["probe_unfinished"]
         if not ok:
-            tail = b"".join(errs).decode(errors="replace").splitlines()[-20:]
+            tail = res["stderr"].splitlines()[-20:]
             print("run-storm: FAILED: %d clients never idled; imapshim-bench said:\n%s"
                   % (fig["failed"], "\n".join(tail)), file=sys.stderr)
         return 0 if ok else 1
     finally:
-        if shim is not None:
-            shim.stop()
-        if dv is not None:
-            dv.stop()
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print("  kept %s" % tmp, file=out)
+        bl.cleanup(tmp, args.keep, shim, dv, out=out)
 
 
 if __name__ == "__main__":

@@ -416,7 +416,8 @@ class FakeExchange:
     def __init__(self, cert=None, admins=None, domain="example.com", tls="implicit",
                  script=None, host="127.0.0.1", exchange_counters=True,
                  unselect=False, max_connections_per_user=16, max_per_admin=None,
-                 messages_per_mailbox=3, message_size=4096, login_delay=0.0):
+                 messages_per_mailbox=3, message_size=4096, login_delay=0.0,
+                 keep_closed=True):
         """cert: a harness.Cert (or object with .cert/.key) unless tls == "none".
 
         unselect: advertise and implement UNSELECT (on-premises Exchange does
@@ -426,7 +427,9 @@ class FakeExchange:
         it per admin name.  messages_per_mailbox / message_size: every
         mailbox starts with that many messages of about that size, each
         naming its mailbox.  login_delay: seconds to think before answering a
-        LOGIN (Exchange under load)."""
+        LOGIN (Exchange under load).  keep_closed=False: forget a
+        connection once it has closed (a benchmark's upstream of thousands of
+        logins: accept and LOGIN look at every connection kept)."""
         self.cert = cert
         self.admins = dict(admins or {})
         self.domain = domain
@@ -440,6 +443,7 @@ class FakeExchange:
         self.messages_per_mailbox = messages_per_mailbox
         self.message_size = message_size
         self.login_delay = login_delay
+        self.keep_closed = keep_closed
         self.mailboxes = {}
         self.connections = []
         self.login_log = []
@@ -776,6 +780,8 @@ class FakeExchange:
                 if conn.gone is None:
                     conn.gone = conn.closed
                 self.cur_conns -= 1
+                if not self.keep_closed:
+                    self.connections.remove(conn)
                 if conn.admin:
                     self._logout_count(conn)
 

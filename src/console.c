@@ -354,8 +354,10 @@ con_run(const struct console_cmd *cmd, struct evbuffer *out, char *res,
 		}
 		if (pool_server_drain(server, cmd->verb ==
 		    CON_DRAIN_SERVER) != 0) {
-			snprintf(res, reslen, "%s cannot be drained (only the "
-			    "first 64 servers can)", srv);
+			/* Named above: only a pool that is stopping says no
+			 * (the config holds at most CONFIG_MAX_SERVERS). */
+			snprintf(res, reslen, "%s cannot be drained now: "
+			    "imapshim is stopping", srv);
 			return false;
 		}
 		snprintf(res, reslen, "%s %s%s", srv, cmd->verb ==
